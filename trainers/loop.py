@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from trainers.config import TrainConfig
-from trainers.data import PretrainStream, load_eval_arrays
+from trainers.data import load_eval_arrays, train_loader
 from trainers.evaluation import evaluate
 from trainers.flops import train_step_flops
 from trainers.models import build_model
@@ -145,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                       for split, n in (("train", cfg.probe_train_size), ("test", cfg.probe_eval_size))]
     log = StepLog(loop_config.get("tracking") if lead else None,
                   echo=bool(loop_config.get("echo")) and lead, total_steps=cfg.steps)
-    stream = iter(PretrainStream(cfg, rank, world, start_step=progress.step))
+    stream = iter(train_loader(cfg, rank, world, start_step=progress.step))
     gen = torch.Generator(device=device)
     last_checkpoint = time.monotonic()
     status = "finished"
