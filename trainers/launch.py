@@ -25,7 +25,7 @@ def scaling_config(cfg: TrainConfig) -> ScalingConfig:
 
 def build_trainer(cfg: TrainConfig, storage_path: str, name: str, *,
                   storage_filesystem: Optional[pyarrow.fs.FileSystem] = None,
-                  tracking: Optional[dict] = None, echo: bool = False, max_failures: int = 2,
+                  step_sink=None, echo: bool = False, max_failures: int = 2,
                   callbacks: Sequence = ()) -> TorchTrainer:
     """A TorchTrainer for `cfg` whose checkpoints live at <storage_path>/<name>.
 
@@ -34,7 +34,7 @@ def build_trainer(cfg: TrainConfig, storage_path: str, name: str, *,
     """
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "tracking": tracking, "echo": echo},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "step_sink": step_sink, "echo": echo},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(

@@ -143,7 +143,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if lead:
         probe_sets = [tuple(t.to(device) for t in load_eval_arrays(cfg, split, n, cfg.seed))
                       for split, n in (("train", cfg.probe_train_size), ("test", cfg.probe_eval_size))]
-    log = StepLog(loop_config.get("tracking") if lead else None,
+    log = StepLog(loop_config.get("step_sink") if lead else None,
                   echo=bool(loop_config.get("echo")) and lead, total_steps=cfg.steps)
     stream = iter(train_loader(cfg, rank, world, start_step=progress.step))
     gen = torch.Generator(device=device)

@@ -1,47 +1,37 @@
 """Step metrics that never make the training loop wait.
 
-Ray Train's report is a barrier polled by the controller (seconds per call), so
-only evaluation points and checkpoints go through it. Per-step curves go to
-MLflow with asynchronous logging (a background queue), and optionally to the
-console.
+Ray Train's report is a barrier polled by the controller, so only evaluation
+points and checkpoints go through it. Per-step curves go to a `sink`: any Ray
+actor handle with a `log(step, metrics)` method, called fire-and-forget (the
+orchestrator passes one that writes to MLflow from the driver's node, the only
+place a cluster's tracking server is sure to be reachable). With `echo`, rank 0
+also prints a progress line.
 """
 from __future__ import annotations
 
-import time
-from typing import Optional
+from typing import Any, Optional
 
+import ray
 from rich.console import Console
 
 
 class StepLog:
-    def __init__(self, tracking: Optional[dict] = None, echo: bool = False, total_steps: int = 0):
-        self._client = None
-        self._run_id = None
-        self._pending = []
-        if tracking:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=tracking["uri"])
-            self._run_id = tracking["run_id"]
-        self._console = Console(stderr=False, highlight=False) if echo else None
+    def __init__(self, sink: Optional[Any] = None, echo: bool = False, total_steps: int = 0):
+        self._sink = sink
+        self._console = Console(highlight=False) if echo else None
         self._total = total_steps
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self._client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-            self._pending.append(self._client.log_batch(self._run_id, metrics=batch, synchronous=False))
+        if self._sink is not None:
+            self._sink.log.remote(step, {k: float(v) for k, v in metrics.items()})
         if self._console is not None:
             parts = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
             self._console.print(f"step {step}/{self._total}  {parts}")
 
     def close(self) -> None:
-        """Wait for queued MLflow writes, so that a finished run has all its points."""
-        for op in self._pending:
-            op.wait()
-        self._pending.clear()
+        """Wait until the sink has taken every point (calls from one caller run in order)."""
+        if self._sink is not None:
+            ray.get(self._sink.flush.remote())
 
 
 def _fmt(v: float) -> str:
