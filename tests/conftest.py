@@ -1,0 +1,57 @@
+"""Shared pytest fixtures. Each fixture is one clearly named function; add yours below."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+
+# --------------------------------------------------------------------------- S3 (moto)
+
+@dataclass(frozen=True)
+class S3Server:
+    """A moto S3 server on loopback with one empty bucket.
+
+    `env` holds the AWS variables that point clients at it; they are set in this
+    process while the fixture lives, and can be passed on to subprocesses:
+    subprocess.run(..., env={**os.environ, **s3_server.env}).
+    """
+
+    endpoint: str
+    bucket: str
+    env: dict[str, str]
+
+    def uri(self, *parts: str) -> str:
+        """s3:// URI of a path inside the bucket."""
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Session-wide moto S3 server (see S3Server); stopped and the variables restored at the end."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        # These would override the variables above or bring in other credentials.
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            patch.delenv(name, raising=False)
+        bucket = "test-bucket"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        try:
+            yield S3Server(endpoint, bucket, env)
+        finally:
+            server.stop()
