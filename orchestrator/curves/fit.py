@@ -1,0 +1,227 @@
+"""fit_curve: one law fitted to one curve, with bootstrap intervals and diagnostics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import CurveFitError
+from .laws import PowerSumLaw, QuadraticLaw, get_law
+
+if TYPE_CHECKING:
+    from .holdout import HoldoutCheck
+
+
+def json_number(v: float) -> float | None:
+    """JSON has no NaN or infinity: those become null."""
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def quantile_bounds(level: float) -> tuple[float, float]:
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    return (1 - level) / 2, (1 + level) / 2
+
+
+@dataclass
+class Diagnostics:
+    """Goodness of fit, measured where the fit was made (`space`: log y or y)."""
+    space: str
+    rmse: float
+    r2: float
+    max_abs_residual: float
+    residuals: np.ndarray  # observed - fitted, one per point, in `space`
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"space": self.space, "rmse": json_number(self.rmse), "r2": json_number(self.r2),
+                "max_abs_residual": json_number(self.max_abs_residual),
+                "residuals": [json_number(r) for r in self.residuals]}
+
+
+@dataclass
+class FitResult:
+    """A fitted law.
+
+    With higher_is_better=True the law describes the error 1 - y: `params`,
+    `ci`, `diagnostics` and the vertex curvature refer to that error, while
+    `x`, `y`, `predict` and `predict_interval` are on the original y scale
+    (they return 1 - fitted error, e.g. an accuracy).
+    """
+    law: str
+    param_names: tuple[str, ...]
+    params: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    level: float
+    x: np.ndarray  # (n,) or (n, 2) for two-variable laws
+    y: np.ndarray
+    higher_is_better: bool
+    log_x: bool
+    diagnostics: Diagnostics
+    bootstrap_params: np.ndarray  # (n_bootstrap, p) natural parameters of each resample
+    vertex: float | None = None  # quadratic: x at the stationary point
+    vertex_ci: tuple[float, float] | None = None
+    vertex_is_optimum: bool | None = None  # the vertex is the best y (not the worst)
+    holdout: HoldoutCheck | None = None  # attached by the study code when checked
+    _law: PowerSumLaw | QuadraticLaw = field(default=None, repr=False)
+    _center: np.ndarray = field(default=None, repr=False)
+    _theta: np.ndarray = field(default=None, repr=False)
+    _theta_boot: np.ndarray = field(default=None, repr=False)
+    _seed: int = field(default=0, repr=False)
+
+    @property
+    def n_points(self) -> int:
+        return len(self.y)
+
+    @property
+    def n_bootstrap(self) -> int:
+        return len(self.bootstrap_params)
+
+    def _to_y(self, t: np.ndarray) -> np.ndarray:
+        z = self._law.from_fit_space(t)
+        return 1 - z if self.higher_is_better else z
+
+    def _fit_space(self, x_new) -> np.ndarray:
+        return self._law.features(as_inputs(x_new, self._law.n_inputs), self._center)
+
+    def predict(self, x_new) -> np.ndarray:
+        """Fitted y at x_new (original scale, see the class docstring)."""
+        return self._to_y(self._law.predict(self._theta[None], self._fit_space(x_new))[0])
+
+    def predict_interval(self, x_new, level: float | None = None,
+                         n_trials: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Bootstrap interval (low, high) at x_new on the original y scale.
+
+        n_trials=None: confidence band of the fitted curve. n_trials=k: interval
+        for the mean of k new trials, adding resampled fit residuals to each
+        bootstrap curve (what an observed point should fall inside).
+        """
+        if self.n_bootstrap == 0:
+            raise ValueError("this fit was made with bootstrap=0: no intervals")
+        lo_q, hi_q = quantile_bounds(self.level if level is None else level)
+        t = self._law.predict(self._theta_boot, self._fit_space(x_new))
+        if n_trials:
+            rng = np.random.default_rng(self._seed + 1)
+            resid = self.diagnostics.residuals
+            t = t + rng.choice(resid, size=(*t.shape, n_trials)).mean(-1)
+        a, b = self._to_y(np.nanquantile(t, [lo_q, hi_q], axis=0))
+        return np.minimum(a, b), np.maximum(a, b)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (no arrays, NaN as null)."""
+        out: dict[str, Any] = {
+            "law": self.law,
+            "param_names": list(self.param_names),
+            "params": {k: json_number(v) for k, v in self.params.items()},
+            "ci": {k: [json_number(lo), json_number(hi)] for k, (lo, hi) in self.ci.items()},
+            "level": self.level,
+            "n_points": self.n_points,
+            "n_bootstrap": self.n_bootstrap,
+            "higher_is_better": self.higher_is_better,
+            "fitted_quantity": "1 - y" if self.higher_is_better else "y",
+            "log_x": self.log_x,
+            "points": {"x": np.asarray(self.x, float).tolist(), "y": np.asarray(self.y, float).tolist()},
+            "diagnostics": self.diagnostics.to_dict(),
+        }
+        if self.vertex is not None:
+            out["vertex"] = {"x": json_number(self.vertex),
+                             "ci": [json_number(v) for v in self.vertex_ci],
+                             "is_optimum": self.vertex_is_optimum,
+                             "y": json_number(self.predict([self.vertex])[0])
+                             if np.isfinite(self.vertex) else None}
+        if self.holdout is not None:
+            out["holdout"] = self.holdout.to_dict()
+        return out
+
+
+def as_inputs(x, n_inputs: int) -> np.ndarray:
+    """x as an (n, n_inputs) float array."""
+    arr = np.asarray(x, dtype=float)
+    if arr.ndim == 1 and n_inputs == 1:
+        return arr[:, None]
+    if arr.ndim != 2 or arr.shape[1] != n_inputs:
+        shape = "(n,)" if n_inputs == 1 else f"(n, {n_inputs})"
+        raise CurveFitError(f"x must have shape {shape}, got {arr.shape}")
+    return arr
+
+
+def _refuse_unfittable(law, inputs: np.ndarray, z: np.ndarray, higher_is_better: bool) -> None:
+    what = "error 1 - y" if higher_is_better else "y"
+    if len(z) != len(inputs):
+        raise CurveFitError(f"x has {len(inputs)} points but y has {len(z)}")
+    if not (np.isfinite(inputs).all() and np.isfinite(z).all()):
+        raise CurveFitError("x and y must be finite (no NaN or infinity)")
+    p = len(law.param_names)
+    distinct = len(np.unique(inputs, axis=0))
+    if len(z) < p + 1 or distinct < p:
+        raise CurveFitError(f"too few points for {law.name}: {len(z)} points at {distinct} distinct x, "
+                            f"need at least {p + 1} points at {p} distinct x")
+    if law.uses_log_x and (inputs <= 0).any():
+        raise CurveFitError(f"{law.name} needs x > 0 (it uses log x)")
+    if law.fit_space == "log" and (z <= 0).any():
+        hint = " (higher_is_better expects y as a fraction below 1)" if higher_is_better else ""
+        raise CurveFitError(f"{law.name} needs {what} > 0 (it fits log {what}){hint}")
+    if law.decreasing:
+        slopes = law.slopes(law.features(inputs, law.center(inputs)), law.to_fit_space(z))
+        if (slopes >= 0).all():
+            raise CurveFitError(f"no decrease to fit: {what} does not decrease with x "
+                                f"(log-log slope {', '.join(f'{s:+.3g}' for s in slopes)})")
+
+
+def _diagnostics(space: str, t: np.ndarray, fitted: np.ndarray) -> Diagnostics:
+    resid = t - fitted
+    total = ((t - t.mean()) ** 2).sum()
+    return Diagnostics(space=space, rmse=float(np.sqrt((resid**2).mean())),
+                       r2=float(1 - (resid**2).sum() / total) if total > 0 else float("nan"),
+                       max_abs_residual=float(np.abs(resid).max()), residuals=resid)
+
+
+def fit_curve(x, y, law: str = "saturating_power", *, bootstrap: int = 1000, seed: int = 0,
+              level: float = 0.95, higher_is_better: bool = False, log_x: bool = False) -> FitResult:
+    """Fit `law` to points (x, y) and bootstrap percentile intervals.
+
+    Laws: power (y = A·x^-alpha), saturating_power (y = E + A·x^-alpha),
+    chinchilla (y = E + A/N^alpha + B/D^beta, x of shape (n, 2) = (N, D)) and
+    quadratic (y = a + b·s + c·s², s = log x if log_x else x). Power laws are
+    fitted in log space with a Huber loss (delta 1e-3) from a grid of starts;
+    the quadratic by least squares. Bootstrap resamples the points with
+    replacement; all resamples are fitted at once. With higher_is_better the
+    law is fitted to 1 - y (see FitResult). Raises CurveFitError when the
+    data cannot support the law.
+    """
+    spec = get_law(law, log_x)
+    lo_q, hi_q = quantile_bounds(level)
+    inputs = as_inputs(x, spec.n_inputs)
+    y = np.asarray(y, dtype=float)
+    z = 1 - y if higher_is_better else y
+    _refuse_unfittable(spec, inputs, z, higher_is_better)
+
+    center = spec.center(inputs)
+    u = spec.features(inputs, center)
+    t = spec.to_fit_space(z)
+    theta = spec.fit(u, t)
+    weights = np.random.default_rng(seed).multinomial(len(t), np.full(len(t), 1 / len(t)), size=bootstrap)
+    theta_boot = (spec.fit_resamples(u, t, weights.astype(float), theta) if bootstrap
+                  else np.empty((0, len(theta))))
+
+    params = spec.natural(theta[None], center)[0]
+    boot = spec.natural(theta_boot, center)
+    bounds = (np.nanquantile(boot, [lo_q, hi_q], axis=0) if bootstrap
+              else np.full((2, len(params)), np.nan))
+    result = FitResult(
+        law=law, param_names=spec.param_names,
+        params=dict(zip(spec.param_names, map(float, params))),
+        ci={name: (float(bounds[0, i]), float(bounds[1, i])) for i, name in enumerate(spec.param_names)},
+        level=level, x=inputs[:, 0] if spec.n_inputs == 1 else inputs, y=y,
+        higher_is_better=higher_is_better, log_x=spec.uses_log_x,
+        diagnostics=_diagnostics(spec.fit_space, t, spec.predict(theta[None], u)[0]),
+        bootstrap_params=boot, _law=spec, _center=center, _theta=theta,
+        _theta_boot=theta_boot, _seed=seed)
+    if isinstance(spec, QuadraticLaw):
+        result.vertex = float(spec.vertex(theta[None], center)[0])
+        vertices = spec.vertex(theta_boot, center)
+        result.vertex_ci = (tuple(map(float, np.nanquantile(vertices, [lo_q, hi_q])))
+                            if bootstrap else (float("nan"), float("nan")))
+        result.vertex_is_optimum = bool(theta[2] > 0)  # a minimum of the fitted (lower-is-better) quantity
+    return result

@@ -1,0 +1,222 @@
+"""Curves of a finished study: declarative specs fitted per group of trials."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import CurveFitError
+from .fit import FitResult, fit_curve, json_number
+from .frontier import Frontier, compute_frontier
+from .holdout import HoldoutCheck, holdout_check
+from .laws import POWER_LAWS
+from .turning import TurningPoint, find_turning_point
+
+LawName = Literal["power", "saturating_power", "chinchilla", "quadratic"]
+NO_GROUP = "all"
+FRONTIER_GROUP = "frontier"
+FIT_SAMPLES = 100  # points along each fitted curve in figures, parquet and MLflow
+
+
+class CurveSpec(BaseModel):
+    """One curve to fit across a study's finished trials.
+
+    x is a column name, or a (N, D) pair of columns for the chinchilla law.
+    log_x (log x axis; for the quadratic, s = log x) defaults to False for
+    the quadratic and True otherwise; power laws are always fitted in log x. frontier=True also computes the
+    compute-efficient frontier across groups (x is then the compute column)
+    and fits the law to the trials on it.
+    """
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used as a file and metric name
+    x: Union[str, tuple[str, str]]
+    y: str
+    group_by: Optional[str] = None
+    law: Optional[LawName] = None  # None: points (and frontier) only
+    higher_is_better: bool = False
+    log_x: Optional[bool] = None  # None is resolved from the law before validation
+    frontier: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_log_x(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("log_x") is None:
+            data = {**data, "log_x": data.get("law") != "quadratic"}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CurveSpec":
+        two_inputs = not isinstance(self.x, str)
+        if two_inputs != (self.law == "chinchilla"):
+            raise ValueError("x must be a pair of columns (N, D) exactly when law is 'chinchilla'")
+        if self.law in POWER_LAWS and not self.log_x:
+            raise ValueError(f"{self.law} is fitted in log x: log_x cannot be False")
+        if self.frontier and two_inputs:
+            raise ValueError("frontier needs a single compute column as x")
+        return self
+
+    @property
+    def x_columns(self) -> list[str]:
+        return [self.x] if isinstance(self.x, str) else list(self.x)
+
+
+@dataclass
+class GroupCurve:
+    """One group's trials of a curve and what could be fitted to them."""
+    group: str
+    x: np.ndarray  # (n,) or (n, 2): one row per trial
+    y: np.ndarray
+    summary: pd.DataFrame  # per distinct x: x (x2), n, mean, std, min, max of y
+    fit: FitResult | None = None
+    error: str | None = None  # why the law was refused, if it was
+    turning_point: TurningPoint | None = None
+    notes: list[str] = field(default_factory=list)  # refusals of the optional checks
+
+    @property
+    def holdout(self) -> HoldoutCheck | None:
+        return self.fit.holdout if self.fit else None
+
+    def samples(self) -> pd.DataFrame:
+        """Fitted curve and its confidence band: x (x2), fit, band_low, band_high.
+
+        One-variable laws are sampled along the data's x range; the
+        two-variable law at the observed (N, D) pairs.
+        """
+        if self.fit is None:
+            return pd.DataFrame(columns=["x", "x2", "fit", "band_low", "band_high"])
+        if self.x.ndim == 2:
+            query = np.unique(self.x, axis=0)
+            xs, x2 = query[:, 0], query[:, 1]
+        else:
+            lo, hi = self.x.min(), self.x.max()
+            query = xs = np.geomspace(lo, hi, FIT_SAMPLES) if self.fit.log_x else np.linspace(lo, hi, FIT_SAMPLES)
+            x2 = np.full(len(xs), np.nan)
+        low, high = (self.fit.predict_interval(query) if self.fit.n_bootstrap
+                     else (np.full(len(xs), np.nan),) * 2)
+        return pd.DataFrame({"x": xs, "x2": x2, "fit": self.fit.predict(query),
+                             "band_low": low, "band_high": high})
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [{k: int(v) if k == "n" else json_number(v) for k, v in row.items()}
+                for row in self.summary.to_dict("records")]
+        return {"group": self.group, "n_trials": len(self.y), "summary": rows,
+                "fit": self.fit.to_dict() if self.fit else None, "error": self.error,
+                "turning_point": self.turning_point.to_dict() if self.turning_point else None,
+                "notes": self.notes}
+
+
+@dataclass
+class StudyCurve:
+    spec: CurveSpec
+    groups: dict[str, GroupCurve] = field(default_factory=dict)
+    frontier: Frontier | None = None
+    frontier_fit: GroupCurve | None = None  # the law fitted to the trials on the frontier
+    error: str | None = None  # why nothing could be done for this curve
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"curve": self.spec.name, "spec": self.spec.model_dump(mode="json"), "error": self.error,
+                "groups": {name: g.to_dict() for name, g in self.groups.items()},
+                "frontier": self.frontier.to_dict() if self.frontier else None,
+                "frontier_fit": self.frontier_fit.to_dict() if self.frontier_fit else None}
+
+
+def _summarise(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
+    cols = ["x"] if x.ndim == 1 else ["x", "x2"]
+    frame = pd.DataFrame(x.reshape(len(y), -1), columns=cols).assign(y=y)
+    stats = frame.groupby(cols, sort=True)["y"].agg(["count", "mean", "std", "min", "max"])
+    return stats.rename(columns={"count": "n"}).reset_index()
+
+
+def _fit_group(spec: CurveSpec, group: str, x: np.ndarray, y: np.ndarray, *, bootstrap: int,
+               seed: int, level: float, turning: bool) -> GroupCurve:
+    """Fit, holdout check and turning point for one group; refusals become text."""
+    curve = GroupCurve(group=group, x=x, y=y, summary=_summarise(x, y))
+    if spec.law is None:
+        return curve
+    opts = dict(bootstrap=bootstrap, seed=seed, level=level,
+                higher_is_better=spec.higher_is_better, log_x=spec.log_x)
+    try:
+        curve.fit = fit_curve(x, y, spec.law, **opts)
+    except CurveFitError as err:
+        curve.error = str(err)
+        return curve
+    try:
+        curve.fit.holdout = holdout_check(x, y, spec.law, **opts)
+    except CurveFitError as err:
+        curve.notes.append(f"holdout: {err}")
+    if turning:
+        try:
+            curve.turning_point = find_turning_point(x, y, higher_is_better=spec.higher_is_better,
+                                                     bootstrap=bootstrap, seed=seed, level=level)
+        except CurveFitError as err:
+            curve.notes.append(f"turning point: {err}")
+    return curve
+
+
+def _group_key(value: Any) -> tuple:
+    """Numbers sort numerically (window 4 before 16), everything else by text."""
+    return (0, float(value), "") if isinstance(value, (int, float, np.number)) else (1, 0.0, str(value))
+
+
+def _fit_one(spec: CurveSpec, frame: pd.DataFrame, *, bootstrap: int, seed: int,
+             level: float) -> StudyCurve:
+    result = StudyCurve(spec=spec)
+    needed = spec.x_columns + [spec.y] + ([spec.group_by] if spec.group_by else [])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        result.error = f"columns not in the table: {', '.join(missing)}"
+        return result
+    frame = frame.dropna(subset=needed)
+    if frame.empty:
+        result.error = "no finished trials with these columns"
+        return result
+    turning = spec.law in POWER_LAWS and isinstance(spec.x, str)
+    parts = (frame.groupby(spec.group_by, sort=False) if spec.group_by else [(NO_GROUP, frame)])
+    for value, part in sorted(parts, key=lambda item: _group_key(item[0])):
+        x = part[spec.x_columns].to_numpy(float)
+        result.groups[str(value)] = _fit_group(
+            spec, str(value), x[:, 0] if isinstance(spec.x, str) else x, part[spec.y].to_numpy(float),
+            bootstrap=bootstrap, seed=seed, level=level, turning=turning)
+    if spec.frontier:
+        _add_frontier(result, bootstrap=bootstrap, seed=seed, level=level)
+    return result
+
+
+def _add_frontier(result: StudyCurve, *, bootstrap: int, seed: int, level: float) -> None:
+    """Frontier over per-x means (a single lucky trial should not define it), then its fit."""
+    spec = result.spec
+    means = pd.concat([g.summary.assign(group=name) for name, g in result.groups.items()])
+    result.frontier = compute_frontier(means["x"], means["mean"], means["group"],
+                                       higher_is_better=spec.higher_is_better)
+    if spec.law is None:
+        return
+    on_frontier = {(p.group, p.compute) for p in result.frontier.points}
+    keep = {name: np.array([(name, v) in on_frontier for v in g.x]) for name, g in result.groups.items()}
+    x = np.concatenate([g.x[keep[name]] for name, g in result.groups.items()])
+    y = np.concatenate([g.y[keep[name]] for name, g in result.groups.items()])
+    result.frontier_fit = _fit_group(spec, FRONTIER_GROUP, x, y, bootstrap=bootstrap, seed=seed,
+                                     level=level, turning=False)
+
+
+def fit_study_curves(table, specs: list[CurveSpec], *, bootstrap: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, StudyCurve]:
+    """Fit every spec to the finished trials of `table` (pandas DataFrame or pyarrow Table).
+
+    One row per trial; only rows whose `status` is "finished" are used.
+    Repeated trials at the same x are all fitted; per-x mean and spread are
+    in each group's `summary`. A refused fit is recorded as text in its
+    group and never stops the other groups or curves.
+    """
+    frame = table if isinstance(table, pd.DataFrame) else table.to_pandas()
+    if "status" not in frame.columns:
+        raise ValueError("the trials table needs a 'status' column")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"curve names must be unique: {names}")
+    finished = frame[frame["status"] == "finished"]
+    return {spec.name: _fit_one(spec, finished, bootstrap=bootstrap, seed=seed, level=level)
+            for spec in specs}
