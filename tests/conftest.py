@@ -55,3 +55,19 @@ def s3_server():
             yield S3Server(endpoint, bucket, env)
         finally:
             server.stop()
+
+
+# --------------------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Ray started in this process with this machine's 2 CPUs, shared by the session."""
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -6,6 +6,7 @@ cumulative FLOPs and timings, RNG state, and the config that wrote them.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -29,6 +30,7 @@ from trainers.step_log import StepLog
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
+DIVERGED_FILE = "diverged.json"
 # Fields that may differ between a run and the run resuming it.
 RESUMABLE_CHANGES = {"checkpoint_every_steps", "checkpoint_every_minutes", "log_every_steps",
                      "num_loader_workers"}
@@ -86,6 +88,21 @@ def _save(model, optimizer, progress: Progress, cfg: TrainConfig) -> str:
     return path
 
 
+def _diverged_marker(metrics: dict) -> str:
+    """A checkpoint that only says the run diverged: Ray Train's result carries the
+    metrics of the latest checkpoint, and a resumed diverged run must stay ended.
+    The last good checkpoint is kept beside it (num_to_keep=2)."""
+    path = tempfile.mkdtemp(prefix="mim-diverged-")
+    with open(os.path.join(path, DIVERGED_FILE), "w") as f:
+        json.dump(metrics, f)
+    return path
+
+
+def _is_diverged(checkpoint: Checkpoint) -> bool:
+    with checkpoint.as_directory() as path:
+        return os.path.exists(os.path.join(path, DIVERGED_FILE))
+
+
 def _restore(checkpoint: Checkpoint, model, optimizer, cfg: TrainConfig) -> Progress:
     with checkpoint.as_directory() as path:
         state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
@@ -132,8 +149,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     schedule = build_schedule(optimizer, cfg)
     progress = Progress()
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and _is_diverged(checkpoint):
+        return  # it ended diverged; its result stands
     if checkpoint is not None:
         progress = _restore(checkpoint, model, optimizer, cfg)
+    resumed_from = progress.step
     wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
     step_fn = TrainStep(wrapped, optimizer, schedule, cfg, device)
     step_flops = train_step_flops(cfg)
@@ -172,7 +192,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ckpt_due = ckpt_due or _agree(minutes >= cfg.checkpoint_every_minutes, world)
         if not ckpt_due:
             continue
-        metrics = {**progress.metrics(), "lr": optimizer.param_groups[0]["lr"], "status": "running"}
+        metrics = {**progress.metrics(), "lr": optimizer.param_groups[0]["lr"], "status": "running",
+                   "resumed_from_step": resumed_from}
         if eval_due and lead:
             metrics.update(evaluate(model, cfg, *probe_sets))
             log.log(step, {k: metrics[k] for k in ("probe_top1", "knn_top1", "eval_loss")})
@@ -187,8 +208,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         last_checkpoint = time.monotonic()
 
     if status == "diverged":
-        # No checkpoint: the last one before the divergence is the one worth keeping.
-        metrics = {**progress.metrics(), "status": "diverged",
+        metrics = {**progress.metrics(), "status": "diverged", "resumed_from_step": resumed_from,
                    "reason": f"diverged: loss {progress.recent_losses[-1]} at step {progress.step}"}
-        ray.train.report(metrics)
+        marker = _diverged_marker(metrics) if lead else None
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(marker) if marker else None)
     log.close()

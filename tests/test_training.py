@@ -1,0 +1,67 @@
+"""Pretraining runs on real Ray Train: the CLI, resume after a killed driver, divergence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainers.config import TrainConfig
+from trainers.launch import run_pretraining
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(preset="tiny", depth=2, img_size=16, patch_size=4, batch_size=16, probe_train_size=200,
+             probe_eval_size=100, log_every_steps=2)
+
+
+def _cli(out, *extra):
+    return [sys.executable, "-m", "trainers.pretrain", "--out", str(out), "--preset", "tiny", "--depth", "2",
+            "--img-size", "16", "--patch-size", "4", "--batch-size", "16", "--probe-train-size", "200",
+            "--probe-eval-size", "100", "--log-every-steps", "2", *extra]
+
+
+def test_resume_after_killed_driver_ends_at_same_step_with_same_loss(ray_local, tmp_path):
+    steps = 400
+    # reference: the same run without interruption, in this process's Ray
+    ref = run_pretraining(TrainConfig(**SMALL, steps=steps, checkpoint_every_steps=40), str(tmp_path / "ref"), "ref")
+    assert ref.metrics["step"] == steps and ref.metrics["resumed_from_step"] == 0
+
+    out = tmp_path / "run"
+    cmd = _cli(out, "--steps", str(steps), "--checkpoint-every-steps", "40")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    snapshot = out / "ray" / "pretrain" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and "checkpoint_" not in (snapshot.read_text() if snapshot.exists() else ""):
+        time.sleep(0.1)
+    assert snapshot.exists(), "no checkpoint was registered"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.wait()
+
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == steps
+    assert 0 < metrics["resumed_from_step"] < steps
+    # masks, data order and augmentation depend only on the step: the resumed run is the same run
+    assert metrics["loss"] == pytest.approx(ref.metrics["loss"], rel=1e-4)
+    for key in ("first_loss", "flops", "images_per_s", "probe_top1", "knn_top1", "eval_loss"):
+        assert key in metrics
+
+
+def test_nan_loss_stops_with_diverged(ray_local, tmp_path):
+    cfg = TrainConfig(**SMALL, steps=40, lr=1e6, norm_pix_loss=False)
+    result = run_pretraining(cfg, str(tmp_path), "nan")
+    assert result.metrics["status"] == "diverged"
+    assert result.metrics["reason"].startswith("diverged: loss")
+    assert result.metrics["step"] < 40
+
+
+def test_cli_refuses_bad_config_with_one_line(tmp_path):
+    done = subprocess.run(_cli(tmp_path, "--mask-ratio", "1.5"), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "mask_ratio" in done.stderr
+    assert not (tmp_path / "metrics.json").exists()
