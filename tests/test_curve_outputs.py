@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from orchestrator.curves import CurveSpec, fit_study_curves, log_curves_to_mlflow, write_curve_outputs
 from orchestrator.curves.mlflow_log import step_scale
-from orchestrator.curves.outputs import write_atomic
+from trainers.filesystems import write_atomic
 
 SEQ_LENS = [16, 36, 64, 144, 256, 576, 1024]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -141,10 +141,18 @@ class TrainConfig(BaseModel):
         """Images one worker feeds through the model per micro-step."""
         return self.batch_size // (self.workers * self.accum_steps)
 
+    @property
+    def variant(self) -> str:
+        """Short name of the model variant, e.g. "mae", "mae k2 mff", "lomar w7"."""
+        if self.model == "lomar":
+            return f"lomar w{self.window_size}"
+        return "mae" + (f" k{self.mask_unit}" if self.mask_unit > 1 else "") + (" mff" if self.mff else "")
+
     def resolved(self) -> dict:
         """Flat, fully resolved view: what MLflow params and checkpoints record."""
         out = self.model_dump(mode="json")
         out["seq_len"] = self.seq_len
+        out["variant"] = self.variant
         return out
 
 

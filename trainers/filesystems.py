@@ -14,9 +14,12 @@ makes a MinIO or moto endpoint a matter of environment, not of code:
 from __future__ import annotations
 
 import os
+import uuid
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+OBJECT_STORES = {"s3", "gcs"}  # objects appear whole when the single upload completes
 
 
 def s3_endpoint() -> str | None:
@@ -63,3 +66,19 @@ def join(base: str, *parts: str) -> str:
     join("s3://b/p", "x") == "s3://b/p/x"."""
     pieces = [base.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
     return "/".join(pieces)
+
+
+def write_atomic(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` so readers never see a partial file.
+
+    On object stores one upload is already atomic; elsewhere write a
+    temporary sibling and move it into place.
+    """
+    if filesystem.type_name in OBJECT_STORES:
+        with filesystem.open_output_stream(path) as out:
+            out.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with filesystem.open_output_stream(tmp) as out:
+        out.write(data)
+    filesystem.move(tmp, path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -10,28 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from trainers.filesystems import write_atomic
+
 from .figures import figure_png, plot_curve
 from .study_curves import GroupCurve, StudyCurve
 
 POINTS_SCHEMA = pa.schema([("curve", pa.string()), ("group", pa.string()), ("x", pa.float64()),
                            ("x2", pa.float64()), ("y", pa.float64()), ("kind", pa.string())])
-OBJECT_STORES = {"s3", "gcs"}  # objects appear whole when the single upload completes
-
-
-def write_atomic(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so readers never see a partial file.
-
-    On object stores one upload is already atomic; elsewhere write a
-    temporary sibling and move it into place.
-    """
-    if filesystem.type_name in OBJECT_STORES:
-        with filesystem.open_output_stream(path) as out:
-            out.write(data)
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with filesystem.open_output_stream(tmp) as out:
-        out.write(data)
-    filesystem.move(tmp, path)
 
 
 def _rows(curve: str, g: GroupCurve) -> list[dict]:

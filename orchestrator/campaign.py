@@ -1,0 +1,231 @@
+"""Running a study: Ray, Tune with the cell searcher and per-cell ASHA, MLflow, storage.
+
+`start` begins an execution of a study file; `resume` continues one from the
+state in storage (Tune restores its trials and the searcher's Optuna studies;
+each unfinished trial's Train run resumes from its latest checkpoint).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from orchestrator.planning import Plan, make_plan
+from orchestrator.storage import Storage
+from orchestrator.study import Study, StudyError, load_study
+from orchestrator.tracking import check_tracking, default_tracking_uri, experiment_id, git_commit, log_params
+from orchestrator.trial import TrialContext
+
+STATE_FILE = "study.json"
+
+# Tune reports every Train report (checkpoints too); only evaluation points carry
+# the objective, which is what ASHA and Optuna look at.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def validate_all_profiles(study: Study, path) -> None:
+    """Refuse impossible values of every profile before anything starts."""
+    for profile in study.profiles:
+        make_plan(study, profile, path)
+
+
+def quiet_ray(log_path: str) -> None:
+    """Ray's and Tune's log lines go to a file, not to the user's terminal."""
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+
+
+def init_ray(address: Optional[str], log_path: str) -> None:
+    import ray
+
+    quiet_ray(log_path)
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+             configure_logging=False, include_dashboard=False)
+    quiet_ray(log_path)  # ray.init may have added its own handlers
+
+
+def choose_profile(study: Study, requested: Optional[str]) -> str:
+    """`local` when the cluster has no GPU, `cluster` otherwise, unless asked."""
+    if requested:
+        return requested
+    import ray
+
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    return "cluster" if has_gpu and "cluster" in study.profiles else "local"
+
+
+def concurrency(plan: Plan, requested: Optional[int]) -> int:
+    """How many trials fit at once on what the cluster has."""
+    import ray
+
+    res = ray.cluster_resources()
+    per_cpu = max(c.config.workers * c.config.cpus_per_worker for c in plan.cells)
+    limit = int(res.get("CPU", 1) // per_cpu)
+    if any(c.config.use_gpu for c in plan.cells):
+        limit = min(limit, int(res.get("GPU", 0) // max(c.config.workers for c in plan.cells)))
+    limit = max(1, min(limit, plan.trials))
+    return min(limit, requested) if requested else limit
+
+
+def driver_resources() -> dict:
+    """A trial's own process only drives its Train run: no CPU. On a cluster made
+    from infra/cluster.yaml, drivers stay on the on-demand head (its `head_driver`
+    resource), so a spot preemption never kills a trial's driver."""
+    import ray
+
+    if ray.cluster_resources().get("head_driver", 0) > 0:
+        return {"CPU": 0, "head_driver": 1}
+    return {"CPU": 0}
+
+
+def _tuner(plan: Plan, ctx: TrialContext, storage: Storage, callbacks: list, max_concurrent: int,
+           restore: bool):
+    from ray import tune
+
+    from orchestrator.search import CellSearcher, PerCellScheduler
+    from orchestrator.trial import RunTrial
+
+    trainable = tune.with_resources(RunTrial(ctx), driver_resources())
+    path, fs = storage.ray_storage(ctx.study)
+    if restore:
+        return tune.Tuner.restore(f"{path}/tune", trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    study = plan.study
+    from ray.tune.schedulers import FIFOScheduler
+
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=CellSearcher(plan),
+            scheduler=PerCellScheduler(plan) if study.early_stopping else FIFOScheduler(),
+            num_samples=plan.trials,
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=path, storage_filesystem=fs, callbacks=callbacks, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=2),
+        ),
+    )
+
+
+def _open_tracking(study_name: str, storage: Storage, tracking_uri: Optional[str]):
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri(storage)
+    check_tracking(uri)
+    client = MlflowClient(uri)
+    artifacts = None
+    if uri.startswith("sqlite:") and storage.uri.startswith(("/", ".")) or "://" not in storage.uri:
+        artifacts = Path(storage.path("mlartifacts")).as_uri()
+    return uri, client, experiment_id(client, study_name, artifacts)
+
+
+def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking_uri: Optional[str],
+          address: Optional[str], max_concurrent: Optional[int], name: Optional[str],
+          console: Console) -> dict:
+    """Run a study file from the start. Returns the study state (see STATE_FILE)."""
+    study = load_study(study_path)
+    validate_all_profiles(study, study_path)
+    if profile and profile not in study.profiles:
+        raise StudyError(f"{study_path}: profiles.{profile}: the study declares no {profile!r} profile")
+    name = name or study.name
+    storage = Storage(storage_uri)
+    storage.check()
+    if storage.exists(name, STATE_FILE):
+        raise StudyError(f"study {name!r} already exists in {storage_uri}: "
+                         f"`resume {name}` continues it, --name starts another")
+    uri, client, exp_id = _open_tracking(name, storage, tracking_uri)
+
+    log_path = _log_path(name)
+    init_ray(address, log_path)
+    profile = choose_profile(study, profile)
+    plan = make_plan(study, profile, study_path)
+    parent = client.create_run(exp_id, run_name=f"{name} ({profile})",
+                               tags={"study": name, "profile": profile, "git_commit": git_commit(),
+                                     "question": study.question})
+    log_params(client, parent.info.run_id, {
+        "study_file": str(study_path), "profile": profile, "cells": len(plan.cells),
+        "trials_per_cell": study.trials_per_cell, "trials": plan.trials,
+        "planned_flops": f"{plan.total_flops:.4g}", "objective": f"{study.objective.metric} ({study.objective.mode})",
+        "tuned": ",".join(study.tune) or "none",
+    })
+    state = {"name": name, "study_path": str(study_path), "study_source": Path(study_path).read_text(),
+             "profile": profile, "storage": storage_uri, "tracking_uri": uri, "experiment_id": exp_id,
+             "parent_run_id": parent.info.run_id, "created": time.time(), "trials": plan.trials,
+             "planned_flops": plan.total_flops, "git_commit": git_commit()}
+    storage.write_json(f"{name}/{STATE_FILE}", state)
+    return _execute(plan, state, storage, client, max_concurrent, console, restore=False, log_path=log_path)
+
+
+def read_state(name: str, storage_uri: str) -> dict:
+    storage = Storage(storage_uri)
+    if not storage.exists(name, STATE_FILE):
+        raise StudyError(f"no study {name!r} in {storage_uri} (looked for {storage.path(name, STATE_FILE)})")
+    return storage.read_json(f"{name}/{STATE_FILE}")
+
+
+def study_from_state(state: dict) -> tuple[Study, str]:
+    """The study as it was when it started (its source is kept in the state)."""
+    folder = tempfile.mkdtemp(prefix="study-")
+    path = os.path.join(folder, Path(state["study_path"]).name)
+    Path(path).write_text(state["study_source"])
+    return load_study(path), path
+
+
+def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address: Optional[str],
+           max_concurrent: Optional[int], console: Console) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    state = read_state(name, storage_uri)
+    storage = Storage(storage_uri)
+    storage.check()
+    if tracking_uri:
+        state["tracking_uri"] = tracking_uri
+    check_tracking(state["tracking_uri"])
+    study, path = study_from_state(state)
+    plan = make_plan(study, state["profile"], state["study_path"])
+    log_path = _log_path(name)
+    init_ray(address, log_path)
+    return _execute(plan, state, storage, MlflowClient(state["tracking_uri"]), max_concurrent, console,
+                    restore=True, log_path=log_path)
+
+
+def _log_path(name: str) -> str:
+    folder = os.path.join(tempfile.gettempdir(), "mim-studies")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name}-{int(time.time())}.log")
+
+
+def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: Optional[int],
+             console: Console, restore: bool, log_path: str) -> dict:
+    from orchestrator.progress import StudyProgress
+    from orchestrator.results import ResultsTable, TrialRecorder
+
+    ctx = TrialContext(study=state["name"], profile=state["profile"], storage_uri=state["storage"],
+                       tracking_uri=state["tracking_uri"], experiment_id=state["experiment_id"],
+                       parent_run_id=state["parent_run_id"], git_commit=state["git_commit"])
+    done = {tid: row["status"] for tid, row in ResultsTable(storage, ctx.study).rows.items()}
+    recorder = TrialRecorder(storage, ctx.study, ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id)
+    progress = StudyProgress(plan, ctx.study, console, done=done)
+    limit = concurrency(plan, max_concurrent)
+    console.print(f"[bold]{ctx.study}[/bold] ({ctx.profile}): {len(plan.cells)} cells x "
+                  f"{plan.study.trials_per_cell} trials, {limit} at a time; Ray log: {log_path}")
+    tuner = _tuner(plan, ctx, storage, [recorder, progress], limit, restore)
+    if restore:
+        # callbacks are not part of Tune's saved state: attach this execution's
+        tuner._local_tuner._run_config.callbacks = [recorder, progress]
+    tuner.fit()
+    client.set_terminated(ctx.parent_run_id, "FINISHED")
+    return state

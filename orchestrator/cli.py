@@ -1,0 +1,162 @@
+"""python -m orchestrator {run,plan,resume,status,fit} ...
+
+Every refusal is one line on stderr and exit code 2, before Ray starts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.planning import CostModel, Plan, make_plan
+from orchestrator.storage import StorageError
+from orchestrator.study import StudyError, load_study
+from orchestrator.tracking import TrackingError
+
+DEFAULT_STORAGE = "runs"
+
+
+def _common(p: argparse.ArgumentParser, tracking: bool = True) -> None:
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"local folder or s3://bucket/prefix for checkpoints, results and curves "
+                        f"(default: ./{DEFAULT_STORAGE}; S3-compatible endpoints from AWS_ENDPOINT_URL)")
+    if tracking:
+        p.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI, e.g. http://127.0.0.1:5000 "
+                            "(default: sqlite file <storage>/mlflow.db for local storage)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a study file as a Ray Tune + Optuna campaign")
+    run.add_argument("study", help="path to a study file, e.g. studies/seq_len_scaling.py")
+    run.add_argument("--profile", choices=("local", "cluster"), default=None,
+                     help="default: local when the Ray cluster has no GPU, cluster otherwise")
+    _common(run)
+    run.add_argument("--address", default=None, help="Ray address, e.g. auto (default: start Ray here)")
+    run.add_argument("--max-concurrent", type=int, default=None,
+                     help="at most this many trials at once (default: what the cluster fits)")
+    run.add_argument("--name", default=None, help="name of this execution (default: the study's name)")
+
+    plan = sub.add_parser("plan", help="cells, trials, FLOPs and cluster cost of a study, without Ray")
+    plan.add_argument("study")
+    plan.add_argument("--profile", choices=("local", "cluster"), default="local")
+    cost = CostModel()
+    plan.add_argument("--gpu-tflops", type=float, default=cost.gpu_tflops, help="peak GPU TFLOP/s (bf16)")
+    plan.add_argument("--mfu", type=float, default=cost.mfu, help="model FLOPs utilisation assumed")
+    plan.add_argument("--usd-per-gpu-hour", type=float, default=cost.usd_per_gpu_hour)
+
+    res = sub.add_parser("resume", help="continue an interrupted study; nothing finished runs again")
+    res.add_argument("name")
+    _common(res)
+    res.add_argument("--address", default=None)
+    res.add_argument("--max-concurrent", type=int, default=None)
+
+    st = sub.add_parser("status", help="trials by status, best objective per cell, compute spent")
+    st.add_argument("name")
+    _common(st, tracking=False)
+
+    fit = sub.add_parser("fit", help="refit the study's curves from results.parquet alone")
+    fit.add_argument("name")
+    _common(fit)
+    fit.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per fit")
+    return parser
+
+
+def _flops(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def print_plan(plan: Plan, cost: CostModel, console: Console, cluster: Optional[Plan]) -> None:
+    s = plan.study
+    console.print(f"[bold]{s.name}[/bold]: {s.question}")
+    console.print(f"profile {plan.profile}: {len(plan.cells)} cells x {s.trials_per_cell} trials = "
+                  f"{plan.trials} trials; tuned: {', '.join(s.tune) or 'nothing'}; "
+                  f"objective {s.objective.metric} ({s.objective.mode})")
+    table = Table()
+    table.add_column("cell", overflow="fold")
+    for col in ("seq_len", "steps", "batch", "FLOPs/trial"):
+        table.add_column(col, justify="right")
+    for c in plan.cells:
+        table.add_row(c.id, str(c.config.seq_len), str(c.config.steps), str(c.config.batch_size),
+                      _flops(c.flops_per_trial))
+    console.print(table)
+    console.print(f"total training compute: {_flops(plan.total_flops)} FLOPs "
+                  f"(analytic, 2 FLOPs per multiply-add; tuned values at their midpoint)")
+    if cluster is not None:
+        hours = cost.gpu_hours(cluster.total_flops)
+        console.print(f"cluster profile: {cluster.trials} trials, {_flops(cluster.total_flops)} FLOPs, "
+                      f"about {hours:.1f} GPU-hours, ${hours * cost.usd_per_gpu_hour:,.0f} "
+                      f"(assuming {cost.gpu_tflops:g} TFLOP/s peak, {cost.mfu:.0%} MFU, "
+                      f"${cost.usd_per_gpu_hour:.2f}/GPU-hour)")
+
+
+def cmd_plan(args, console: Console) -> int:
+    study = load_study(args.study)
+    plan = make_plan(study, args.profile, args.study)
+    cluster = make_plan(study, "cluster", args.study) if "cluster" in study.profiles else None
+    print_plan(plan, CostModel(args.gpu_tflops, args.mfu, args.usd_per_gpu_hour), console, cluster)
+    return 0
+
+
+def cmd_run(args, console: Console) -> int:
+    from orchestrator import campaign
+
+    state = campaign.start(args.study, profile=args.profile, storage_uri=args.storage,
+                           tracking_uri=args.tracking_uri, address=args.address,
+                           max_concurrent=args.max_concurrent, name=args.name, console=console)
+    return _finish(state, args, console)
+
+
+def cmd_resume(args, console: Console) -> int:
+    from orchestrator import campaign
+
+    state = campaign.resume(args.name, storage_uri=args.storage, tracking_uri=args.tracking_uri,
+                            address=args.address, max_concurrent=args.max_concurrent, console=console)
+    return _finish(state, args, console)
+
+
+def _finish(state: dict, args, console: Console) -> int:
+    from orchestrator.fitting import fit_study
+
+    fit_study(state, args.storage, console)
+    console.print(f"results: {args.storage}/{state['name']}/results.parquet; "
+                  f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}")
+    return 0
+
+
+def cmd_status(args, console: Console) -> int:
+    from orchestrator.status import print_status
+
+    print_status(args.name, args.storage, console)
+    return 0
+
+
+def cmd_fit(args, console: Console) -> int:
+    from orchestrator.campaign import read_state
+    from orchestrator.fitting import fit_study
+
+    state = read_state(args.name, args.storage)
+    if args.tracking_uri:
+        state["tracking_uri"] = args.tracking_uri
+    fit_study(state, args.storage, console, bootstrap=args.bootstrap)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "resume": cmd_resume, "status": cmd_status, "fit": cmd_fit}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return COMMANDS[args.command](args, console)
+    except (StudyError, StorageError, TrackingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

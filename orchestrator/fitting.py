@@ -1,0 +1,62 @@
+"""A study's curves, fitted from results.parquet alone: into storage and onto the
+study's parent MLflow run. `run` and `resume` call it at their end; `fit NAME`
+calls it on its own."""
+from __future__ import annotations
+
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from orchestrator.campaign import study_from_state
+from orchestrator.curves import fit_study_curves, log_curves_to_mlflow, write_curve_outputs
+from orchestrator.results import RESULTS_FILE
+from orchestrator.storage import Storage
+from orchestrator.study import StudyError
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"[{lo:.4g}, {hi:.4g}]"
+
+
+def fit_study(state: dict, storage_uri: str, console: Console, bootstrap: int = 1000) -> dict:
+    study, _ = study_from_state(state)
+    name = state["name"]
+    if not study.curves:
+        console.print(f"{name}: the study declares no curves to fit")
+        return {}
+    storage = Storage(storage_uri)
+    if not storage.exists(name, RESULTS_FILE):
+        raise StudyError(f"study {name!r} has no {RESULTS_FILE} yet in {storage_uri}: no trial has ended")
+    table = storage.read_table(f"{name}/{RESULTS_FILE}")
+    curves = fit_study_curves(table, study.curves, bootstrap=bootstrap, seed=0)
+    written = write_curve_outputs(curves, storage.path(name, "curves"), filesystem=storage.fs)
+    log_curves_to_mlflow(curves, MlflowClient(state["tracking_uri"]), state["parent_run_id"])
+    for curve in curves.values():
+        _print_curve(curve, console)
+    console.print(f"curves: {len(written)} files in {storage_uri}/{name}/curves, figures on MLflow run "
+                  f"{state['parent_run_id']}")
+    return curves
+
+
+def _print_curve(curve, console: Console) -> None:
+    spec = curve.spec
+    console.print(f"[bold]{spec.name}[/bold]: {spec.y} vs {spec.x}" + (f" by {spec.group_by}" if spec.group_by else "")
+                  + (f", law {spec.law}" if spec.law else ""))
+    if curve.error:
+        console.print(f"  {curve.error}")
+    for g in curve.groups:
+        if g.fit is None:
+            console.print(f"  {g.group}: not fitted: {g.error}")
+            continue
+        params = ", ".join(f"{k}={v:.4g} {_interval(*g.fit.ci[k])}" for k, v in g.fit.params.items())
+        console.print(f"  {g.group}: {params}")
+        if g.fit.vertex is not None:
+            console.print(f"    optimum at {spec.x}={g.fit.vertex:.4g} {_interval(*g.fit.vertex_ci)}")
+        if g.turning_point is not None:
+            tp = g.turning_point
+            console.print(f"    turning point at {spec.x}={tp.x:.4g} {_interval(*tp.ci)}"
+                          + ("" if tp.confident else " (not confident)"))
+        if g.holdout is not None:
+            h = g.holdout
+            console.print(f"    held-out largest {spec.x}: predicted {h.predicted:.4g} "
+                          f"{_interval(*h.prediction_interval)}, actual {h.actual:.4g} "
+                          f"({'inside' if h.inside else 'outside'} the interval)")

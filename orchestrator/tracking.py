@@ -1,0 +1,81 @@
+"""MLflow: an experiment per study, a parent run per execution, a nested run per trial."""
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Optional
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+# MLflow caps a param value at 6000 characters and a batch at 100 params.
+_PARAM_BATCH = 100
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def default_tracking_uri(storage) -> str:
+    """A sqlite file beside the results when storage is local; else an mlruns folder here."""
+    from pyarrow.fs import LocalFileSystem
+
+    if isinstance(storage.fs, LocalFileSystem):
+        return f"sqlite:///{storage.path('mlflow.db')}"
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_tracking(uri: str) -> None:
+    """Fail before any trial runs if the tracking server cannot be reached."""
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # MLflow raises many kinds; all mean the same here
+        raise TrackingError(f"tracking {uri} is unreachable: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}") from None
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: Optional[str] = None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), _PARAM_BATCH):
+        client.log_batch(run_id, params=items[i:i + _PARAM_BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool)])
+
+
+def trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, trial_id: str,
+              run_name: str, tags: dict) -> tuple[str, bool]:
+    """The nested run of a trial: found again when the trial restarts. Returns (run id, created)."""
+    found = client.search_runs([exp_id], filter_string=f"tags.trial_id = '{trial_id}' and "
+                               f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'", max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    all_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: run_name, "trial_id": trial_id, **tags}
+    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+    return run.info.run_id, True
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -1,0 +1,61 @@
+"""One Tune trial: a Ray Train run of one configuration, with its nested MLflow run.
+
+The trial function only drives; the Train workers do the work. Its Train run
+is named after the trial, so a restarted trial (a retry, or `resume`) finds its
+checkpoints and continues from the latest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator.relay import start_relay
+from orchestrator.storage import Storage
+from orchestrator.tracking import log_params, trial_run
+from trainers.config import TrainConfig
+from trainers.launch import build_trainer
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a study execution shares (plain data: it is pickled to Ray)."""
+
+    study: str
+    profile: str
+    storage_uri: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    git_commit: str
+
+
+def trial_tags(ctx: TrialContext, config: dict) -> dict:
+    return {"study": ctx.study, "profile": ctx.profile, "cell": config["cell"],
+            "replicate": config["replicate"], "git_commit": ctx.git_commit}
+
+
+class RunTrial:
+    """The Tune trainable: config = {"cell", "replicate", tuned params..., "train": TrainConfig dict}."""
+
+    def __init__(self, ctx: TrialContext):
+        self.ctx = ctx
+
+    def __call__(self, config: dict) -> None:
+        ctx = self.ctx
+        trial_id = tune.get_context().get_trial_id()
+        cfg = TrainConfig.model_validate(config["train"])
+        client = MlflowClient(ctx.tracking_uri)
+        run_name = f"{config['cell']} #{config['replicate']}"
+        run_id, created = trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id,
+                                    run_name, trial_tags(ctx, config))
+        if created:
+            tuned = {f"tuned.{k}": v for k, v in config.items() if k not in ("cell", "replicate", "train")}
+            log_params(client, run_id, {**cfg.resolved(), **tuned})
+        path, fs = Storage(ctx.storage_uri).ray_storage(ctx.study, "trials")
+        trainer = build_trainer(cfg, path, trial_id, storage_filesystem=fs,
+                                step_sink=start_relay(ctx.tracking_uri, run_id),
+                                callbacks=[TuneReportCallback()])
+        trainer.fit()
