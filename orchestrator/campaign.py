@@ -47,12 +47,11 @@ def quiet_ray(log_path: str) -> None:
         logger.setLevel(logging.INFO)
 
 
-def init_ray(address: Optional[str], log_path: str) -> None:
-    import ray
+def start_ray(address: Optional[str], log_path: str) -> None:
+    from trainers.ray_session import init_ray
 
     quiet_ray(log_path)
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
-             configure_logging=False, include_dashboard=False)
+    init_ray(address, log_to_driver=False, configure_logging=False)
     quiet_ray(log_path)  # ray.init may have added its own handlers
 
 
@@ -80,14 +79,16 @@ def concurrency(plan: Plan, requested: Optional[int]) -> int:
 
 
 def driver_resources() -> dict:
-    """A trial's own process only drives its Train run: no CPU. On a cluster made
+    """A trial's own process only drives its Train run, so it takes no CPU (on 2
+    CPUs a driver holding one would starve its own workers); Tune needs some
+    resource in the request, so it asks for a little memory. On a cluster made
     from infra/cluster.yaml, drivers stay on the on-demand head (its `head_driver`
     resource), so a spot preemption never kills a trial's driver."""
     import ray
 
     if ray.cluster_resources().get("head_driver", 0) > 0:
-        return {"CPU": 0, "head_driver": 1}
-    return {"CPU": 0}
+        return {"head_driver": 1}
+    return {"memory": 64 * 2 ** 20}
 
 
 def _tuner(plan: Plan, ctx: TrialContext, storage: Storage, callbacks: list, max_concurrent: int,
@@ -149,7 +150,7 @@ def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking
     uri, client, exp_id = _open_tracking(name, storage, tracking_uri)
 
     log_path = _log_path(name)
-    init_ray(address, log_path)
+    start_ray(address, log_path)
     profile = choose_profile(study, profile)
     plan = make_plan(study, profile, study_path)
     parent = client.create_run(exp_id, run_name=f"{name} ({profile})",
@@ -197,7 +198,7 @@ def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address:
     study, path = study_from_state(state)
     plan = make_plan(study, state["profile"], state["study_path"])
     log_path = _log_path(name)
-    init_ray(address, log_path)
+    start_ray(address, log_path)
     return _execute(plan, state, storage, MlflowClient(state["tracking_uri"]), max_concurrent, console,
                     restore=True, log_path=log_path)
 

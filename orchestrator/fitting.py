@@ -43,7 +43,7 @@ def _print_curve(curve, console: Console) -> None:
                   + (f", law {spec.law}" if spec.law else ""))
     if curve.error:
         console.print(f"  {curve.error}")
-    for g in curve.groups:
+    for g in curve.groups.values():
         if g.fit is None:
             console.print(f"  {g.group}: not fitted: {g.error}")
             continue

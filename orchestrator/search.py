@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import optuna
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # per-trial lines would flood the progress view
 from optuna.distributions import (CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler

@@ -62,11 +62,11 @@ def s3_server():
 @pytest.fixture(scope="session")
 def ray_local():
     """Ray started in this process with this machine's 2 CPUs, shared by the session."""
-    import logging
-
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    from trainers.ray_session import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
     try:
         yield ray
     finally:

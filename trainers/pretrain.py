@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import typing
@@ -59,13 +58,11 @@ def main(argv=None) -> int:
         print(f"error: {where}{err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
 
-    import ray
-
     from trainers.launch import run_pretraining
+    from trainers.ray_session import init_ray
 
     os.makedirs(out, exist_ok=True)
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
-             configure_logging=True)
+    init_ray(address)
     result = run_pretraining(cfg, os.path.join(out, "ray"), "pretrain", echo=True)
     metrics = dict(result.metrics or {})
     metrics["steps"] = metrics.pop("step", 0)

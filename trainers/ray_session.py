@@ -1,0 +1,36 @@
+"""Starting or joining Ray, the same way for every entry point."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Optional
+
+import ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: Optional[str] = None, **kwargs) -> None:
+    """Join the cluster at `address`, or start Ray in this process.
+
+    A Ray started here gets its dashboard on a port chosen now, announced to
+    every Ray process through RAY_API_SERVER_ADDRESS (they inherit this
+    environment). Ray Train's placement-group cleaner asks the state API
+    whether a run's controller is still alive; without the address, a second
+    Ray instance on the machine makes that lookup fail, and the workers'
+    CPUs of a trial stopped early are never released.
+    """
+    if ray.is_initialized():
+        return
+    kwargs.setdefault("logging_level", logging.WARNING)
+    if address is None:
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
