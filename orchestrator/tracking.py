@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.request
 from typing import Optional
 
 from mlflow.entities import Metric, Param, RunTag
@@ -36,8 +37,14 @@ def git_commit() -> str:
 
 
 def check_tracking(uri: str) -> None:
-    """Fail before any trial runs if the tracking server cannot be reached."""
+    """Fail before any trial runs if the tracking server cannot be reached.
+
+    An HTTP server is asked for /health with a short timeout first: MLflow's
+    client retries an unreachable server for minutes before it gives up.
+    """
     try:
+        if uri.startswith(("http://", "https://")):
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).read()
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # MLflow raises many kinds; all mean the same here
         raise TrackingError(f"tracking {uri} is unreachable: {type(e).__name__}: "
@@ -73,7 +80,8 @@ def trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, trial_id: s
     if found:
         return found[0].info.run_id, False
     all_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: run_name, "trial_id": trial_id, **tags}
-    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+    # tag values must be strings: a REST tracking server refuses others (e.g. the int replicate)
+    run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
     return run.info.run_id, True
 
 

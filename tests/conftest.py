@@ -71,3 +71,56 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------- MLflow
+
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str
+    artifacts: str
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a sqlite backend and local artifacts."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--serve-artifacts", "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+    else:
+        raise RuntimeError("mlflow server did not answer /health in 120 s")
+    try:
+        yield MlflowServer(uri, str(root / "artifacts"))
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -1,0 +1,233 @@
+"""Studies: validation, planning without Ray, exact grid coverage, per-cell ASHA,
+and a whole study on real Ray + a real MLflow server, interrupted and resumed."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+import pytest
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from orchestrator.cli import main
+from orchestrator.planning import make_plan
+from orchestrator.search import CellSearcher, PerCellScheduler
+from orchestrator.study import load_study
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "studies" / "tiny_grid.py"
+
+
+def _plan():
+    return make_plan(load_study(TINY), "local", TINY)
+
+
+# ---------------------------------------------------------------- refusals
+
+BASE = """
+from orchestrator.study import Budget, Objective, Profile, Study, Uniform
+study = Study(
+    name="bad", question="q",
+    profiles={{"local": Profile(axes={axes}, fixed={fixed}, budget=Budget(steps=5))}},
+    tune={tune}, trials_per_cell={trials},
+    objective=Objective(metric="eval_loss", mode="min"),
+)
+"""
+
+
+def _study_file(tmp_path, axes='{"patch_size": [4]}', fixed="{}", tune="{}", trials=1, text=None):
+    path = tmp_path / "study_file.py"
+    path.write_text(text if text is not None else BASE.format(axes=axes, fixed=fixed, tune=tune, trials=trials))
+    return path
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(text="study = (\n"), "failed to import"),
+    (dict(text="x = 1\n"), "study"),
+    (dict(text=BASE.replace('objective=Objective(metric="eval_loss", mode="min"),', "")
+          .format(axes='{"patch_size": [4]}', fixed="{}", tune="{}", trials=1)), "objective"),
+    (dict(fixed='{"model": "vit"}'), "model"),
+    (dict(fixed='{"dataset": "imagenet"}'), "dataset"),
+    (dict(tune='{"mask_ratio": Uniform(low=0.5, high=1.2)}'), "mask_ratio"),
+    (dict(axes='{"patch_size": [4, 5]}'), "patch_size"),
+    (dict(axes='{"mask_unit": [3]}'), "mask_unit"),
+    (dict(fixed='{"model": "lomar", "window_size": 9}'), "window_size"),
+    (dict(trials=0), "trials_per_cell"),
+    (dict(axes='{"patch_sise": [4]}'), "patch_sise"),
+])
+def test_bad_study_file_is_refused_in_one_line_naming_file_and_field(tmp_path, capsys, kwargs, field):
+    path = _study_file(tmp_path, **kwargs)
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith(f"error: {path}") and field in err
+
+
+def test_run_refuses_before_ray_starts(tmp_path):
+    path = _study_file(tmp_path, axes='{"patch_size": [5]}')
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(path), "--storage", str(tmp_path / "s")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "patch_size" in done.stderr
+    assert not (tmp_path / "s").exists()  # nothing half-done
+
+
+def test_unreachable_tracking_is_refused_before_trials(tmp_path, capsys):
+    code = main(["run", str(TINY), "--storage", str(tmp_path / "s"), "--tracking-uri", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "tracking http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
+
+
+def test_plan_needs_no_ray():
+    code = ("import sys; from orchestrator.cli import main; "
+            f"assert main(['plan', {str(REPO / 'studies' / 'seq_len_scaling.py')!r}]) == 0; "
+            "assert 'ray' not in sys.modules, 'plan imported ray'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "GPU-hours" in done.stdout and "12 trials" in done.stdout
+
+
+def test_shipped_studies_plan_for_both_profiles():
+    for path in sorted((REPO / "studies").glob("*.py")):
+        study = load_study(path)
+        for profile in ("local", "cluster"):
+            assert make_plan(study, profile, path).trials > 0
+
+
+# ---------------------------------------------------------------- search and scheduling
+
+def test_grid_coverage_is_exact_with_everything_in_flight():
+    plan = _plan()
+    searcher = CellSearcher(plan)
+    configs = [searcher.suggest(f"t{i}") for i in range(plan.trials)]  # none completed yet
+    assert searcher.suggest("extra") == Searcher.FINISHED
+    per_cell = {c.id: sorted(cfg["replicate"] for cfg in configs if cfg["cell"] == c.id) for c in plan.cells}
+    assert all(reps == [0, 1] for reps in per_cell.values())
+    for cfg in configs:
+        assert 1e-3 <= cfg["base_lr"] <= 1e-2  # Optuna's suggestion
+        assert cfg["train"]["base_lr"] == cfg["base_lr"]  # reaches the trial's config
+        assert cfg["train"]["seed"] == cfg["replicate"]  # replicates differ in their seed
+
+
+def test_optuna_history_survives_save_and_restore(tmp_path):
+    plan = _plan()
+    searcher = CellSearcher(plan)
+    first = [searcher.suggest(f"t{i}") for i in range(3)]
+    for i, cfg in enumerate(first):
+        searcher.on_trial_complete(f"t{i}", {"eval_loss": 1.0 + i, "step": 12})
+    searcher.save(str(tmp_path / "searcher.pkl"))
+
+    restored = CellSearcher(plan)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    history = sum(len(restored.optuna_trials(c.id)) for c in plan.cells)
+    assert history == 3
+    rest = [restored.suggest(f"u{i}") for i in range(plan.trials - 3)]
+    assert restored.suggest("extra") == Searcher.FINISHED
+    cells = [cfg["cell"] for cfg in first + rest]
+    assert all(cells.count(c.id) == 2 for c in plan.cells)
+
+
+def _trial(tid, cell):
+    return SimpleNamespace(trial_id=tid, config={"cell": cell})
+
+
+def test_asha_stops_within_a_cell_only():
+    plan = _plan()
+    sched = PerCellScheduler(plan)
+    a, b = plan.cells[0], plan.cells[1]
+    grace = a.config.eval_every_steps
+    t1, t2, t3 = _trial("1", a.id), _trial("2", a.id), _trial("3", b.id)
+    for t in (t1, t2, t3):
+        sched.on_trial_add(None, t)
+    # the first at a rung continues; a worse one in the same cell is stopped
+    assert sched.on_trial_result(None, t1, {"step": grace, "eval_loss": 1.0}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, t2, {"step": grace, "eval_loss": 2.0}) == TrialScheduler.STOP
+    # a trial of another cell is not measured against cell a's trials
+    assert sched.on_trial_result(None, t3, {"step": grace, "eval_loss": 5.0}) == TrialScheduler.CONTINUE
+    # reports without the objective (checkpoint-only) never stop a trial
+    assert sched.on_trial_result(None, t3, {"step": grace + 1}) == TrialScheduler.CONTINUE
+
+
+# ---------------------------------------------------------------- a whole study, interrupted and resumed
+
+def _results(storage):
+    path = storage / "tiny_grid" / "results.parquet"
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def resumed_study(tmp_path_factory, mlflow_server):
+    storage = tmp_path_factory.mktemp("storage")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    common = ["--storage", str(storage), "--tracking-uri", mlflow_server.uri]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(TINY), *common], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(_results(storage)) < 2 and proc.poll() is None:
+        time.sleep(1)
+    interrupted_after = _results(storage)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, and the Ray it started
+    proc.wait()
+    assert len(interrupted_after) >= 2, proc.stdout.read().decode()[-3000:]
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "resume", "tiny_grid", *common], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    return SimpleNamespace(storage=storage, before=interrupted_after, done=done, uri=mlflow_server.uri)
+
+
+def test_resume_completes_the_grid_without_rerunning(resumed_study):
+    assert resumed_study.done.returncode == 0, resumed_study.done.stdout[-3000:] + resumed_study.done.stderr[-3000:]
+    rows = _results(resumed_study.storage)
+    plan = _plan()
+    assert len(rows) == plan.trials
+    for cell in plan.cells:
+        assert sorted(r["replicate"] for r in rows if r["cell"] == cell.id) == [0, 1]
+    before = {r["trial_id"]: r for r in resumed_study.before}
+    after = {r["trial_id"]: r for r in rows}
+    for tid, row in before.items():  # finished trials were not run again
+        assert after[tid]["flops"] == row["flops"] and after[tid]["eval_loss"] == row["eval_loss"]
+    assert {r["status"] for r in rows} <= {"finished", "stopped_early"}
+    for r in rows:
+        assert r["flops"] > 0 and r["steps_done"] > 0
+        if r["status"] == "finished":
+            assert r["steps_done"] == r["steps"] and r["eval_loss"] is not None
+        else:
+            assert r["steps_done"] < r["steps"]
+
+
+def test_mlflow_holds_parent_and_nested_trial_runs(resumed_study):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resumed_study.uri)
+    exp = client.get_experiment_by_name("tiny_grid")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert len(children) == _plan().trials  # a resumed trial keeps its run
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"study", "cell", "trial_id", "git_commit", "status"} <= set(run.data.tags)
+        assert run.data.params["preset"] == "tiny" and "seq_len" in run.data.params
+        assert run.data.tags["status"] in ("finished", "stopped_early")
+        assert "final_flops" in run.data.metrics
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert len(history) >= 2 and all(h.step > 0 for h in history)
+    assert parent.data.metrics["trials_finished"] + parent.data.metrics.get("trials_stopped_early", 0) == 6
+    assert any(k.startswith("curve.eval_loss_vs_seq_len") for k in parent.data.metrics)
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "curves")]
+    assert "curves/eval_loss_vs_seq_len.png" in artifacts
+
+
+def test_curves_land_in_storage(resumed_study):
+    curves = resumed_study.storage / "tiny_grid" / "curves"
+    assert (curves / "eval_loss_vs_seq_len.json").exists()
+    assert (curves / "eval_loss_vs_seq_len.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pq.read_table(curves / "points.parquet").num_rows > 0
+    # checkpoints of every trial live under <study>/trials/
+    assert len(list((resumed_study.storage / "tiny_grid" / "trials").iterdir())) == _plan().trials
