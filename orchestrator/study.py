@@ -127,18 +127,11 @@ class Study(BaseModel):
     derive: Optional[Callable[[dict], dict]] = None
     curves: list[CurveSpec] = Field(default_factory=list)
 
-    @field_validator("trials_per_cell")
+    @field_validator("trials_per_cell", "evaluations")
     @classmethod
-    def _trials(cls, v):
+    def _at_least_one(cls, v, info):
         if v < 1:
-            raise ValueError("no trials: trials_per_cell must be at least 1")
-        return v
-
-    @field_validator("evaluations")
-    @classmethod
-    def _evaluations(cls, v):
-        if v < 1:
-            raise ValueError("must be at least 1")
+            raise ValueError(f"{info.field_name} must be at least 1 (got {v})")
         return v
 
     @field_validator("name")

@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import ray.train
 import ray.train.torch
@@ -74,12 +75,13 @@ def mask_seed(cfg: TrainConfig, rank: int, step: int) -> int:
     return (cfg.seed * 1_000_003 + rank * 7919 + step) % (2 ** 63)
 
 
-def _save(model, optimizer, progress: Progress, cfg: TrainConfig) -> str:
+def _save(model, optimizer, progress: Progress, cfg: TrainConfig, metrics: dict) -> str:
     path = tempfile.mkdtemp(prefix="mim-ckpt-")
     torch.save({
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "progress": asdict(progress),
+        "metrics": metrics,
         "rng": torch.get_rng_state(),
         "config": cfg.resolved(),
     }, os.path.join(path, STATE_FILE))
@@ -98,9 +100,17 @@ def _diverged_marker(metrics: dict) -> str:
     return path
 
 
-def _is_diverged(checkpoint: Checkpoint) -> bool:
+def _ended_metrics(checkpoint: Checkpoint) -> Optional[dict]:
+    """The final metrics if the checkpoint is of a run that already ended
+    (diverged, or trained to its last step), else None."""
     with checkpoint.as_directory() as path:
-        return os.path.exists(os.path.join(path, DIVERGED_FILE))
+        marker = os.path.join(path, DIVERGED_FILE)
+        if os.path.exists(marker):
+            with open(marker) as f:
+                return json.load(f)
+        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    ended = state["progress"]["step"] >= state["config"]["steps"]
+    return state.get("metrics") if ended else None
 
 
 def _restore(checkpoint: Checkpoint, model, optimizer, cfg: TrainConfig) -> Progress:
@@ -149,8 +159,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     schedule = build_schedule(optimizer, cfg)
     progress = Progress()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None and _is_diverged(checkpoint):
-        return  # it ended diverged; its result stands
+    ended = _ended_metrics(checkpoint) if checkpoint is not None else None
+    if ended is not None:
+        # A run restarted after it ended (e.g. its study was resumed before Tune
+        # saw it end): no training, but its final result is reported again.
+        ray.train.report(ended)
+        return
     if checkpoint is not None:
         progress = _restore(checkpoint, model, optimizer, cfg)
     resumed_from = progress.step
@@ -199,7 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.log(step, {k: metrics[k] for k in ("probe_top1", "knn_top1", "eval_loss")})
         if step == cfg.steps:
             metrics["status"] = status
-        ckpt_dir = _save(model, optimizer, progress, cfg) if lead else None
+        ckpt_dir = _save(model, optimizer, progress, cfg, metrics) if lead else None
         ray.train.report(
             metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
