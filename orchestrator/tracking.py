@@ -55,7 +55,9 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: Optional[s
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    # the kind tells MLflow 3's UI to open on runs and charts, not on GenAI traces
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
