@@ -123,11 +123,20 @@ def cmd_resume(args, console: Console) -> int:
 
 
 def _finish(state: dict, args, console: Console) -> int:
+    """Fit the curves; exit 1 if any trial failed (its reason is in results.parquet)."""
     from orchestrator.fitting import fit_study
+    from orchestrator.results import ResultsTable
+    from orchestrator.storage import Storage
 
     fit_study(state, args.storage, console)
     console.print(f"results: {args.storage}/{state['name']}/results.parquet; "
                   f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}")
+    rows = ResultsTable(Storage(args.storage), state["name"]).rows.values()
+    failed = sum(r["status"] == "failed" for r in rows)
+    if failed:
+        print(f"error: {failed} of {len(rows)} trials failed; see their status in results.parquet "
+              f"and MLflow", file=sys.stderr)
+        return 1
     return 0
 
 
