@@ -47,7 +47,7 @@ from trainers.step import TrainStep  # noqa: E402
 # Defaults chosen by the experiments recorded in bench/RESULTS.md ("## probe_quality").
 DEFAULTS = dict(preset="tiny", model="mae", dataset="fashion_mnist", img_size=32, patch_size=4,
                 batch_size=64, base_lr=5e-3, mask_ratio=0.75, norm_pix_loss=True,
-                probe_train_size=10000, probe_eval_size=2000, log_every_steps=100)
+                probe_train_size=10000, probe_eval_size=10000, log_every_steps=100)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

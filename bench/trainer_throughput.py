@@ -6,7 +6,7 @@ AdamW, the same random 32x32 grayscale batches, in alternating rounds so that
 noise from other work on the machine hits both alike. Ours runs through
 TrainStep, the exact code path of the trainer.
 
-    python bench/trainer_throughput.py [--rounds 7] [--steps-per-round 3] [--threads N]
+    python bench/trainer_throughput.py [--rounds 9] [--steps-per-round 2] [--threads N]
 
 The last line is `ratio_vs_hf=<ours / theirs images per second>`.
 """
@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.config import TrainConfig  # noqa: E402
-from trainers.flops import train_flops_per_image  # noqa: E402
+from trainers.flops import linear, train_flops_per_image  # noqa: E402
 from trainers.models import build_model  # noqa: E402
+from trainers.models.masking import kept_patches  # noqa: E402
 from trainers.optim import build_optimizer, build_schedule  # noqa: E402
 from trainers.step import TrainStep  # noqa: E402
 
@@ -94,9 +95,6 @@ def hf_train_flops_per_image(cfg: TrainConfig) -> float:
     """Our analytic count for the same architecture; HF's decoder also predicts the
     pixels of the cls and visible tokens, one extra (L + 1 - n_masked) x d x p^2 C
     linear, which is added here."""
-    from trainers.flops import linear
-    from trainers.models.masking import kept_patches
-
     extra = linear(kept_patches(cfg.grid, cfg.mask_ratio, 1) + 1, cfg.decoder_embed_dim,
                    cfg.patch_size ** 2 * cfg.in_chans)
     return train_flops_per_image(cfg) + 3 * extra
@@ -112,8 +110,8 @@ def timed(run: Callable[[int], float], start: int, steps: int, batch: int) -> fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps-per-round", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = p.parse_args()

@@ -80,6 +80,25 @@ def test_mae_decoder_order_equals_unshuffled_decoding():
     assert torch.allclose(pred, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{}, {"mff": True}, {"model": "lomar", "img_size": 16}])
+def test_cpu_image_groups_give_the_same_loss_and_gradients(kw, monkeypatch):
+    """Splitting the CPU batch into image groups is a memory layout choice only."""
+    from trainers.models import blocks
+
+    def loss_and_grads(group_bytes):
+        monkeypatch.setattr(blocks, "CPU_GROUP_BYTES", group_bytes)
+        torch.manual_seed(0)
+        model = build_model(_cfg(**kw))
+        loss, _, _ = model(torch.randn(6, 1, 16, 16), torch.Generator().manual_seed(1))
+        loss.backward()
+        return loss, [p.grad for p in model.parameters() if p.grad is not None]
+
+    whole, whole_grads = loss_and_grads(1 << 40)
+    split, split_grads = loss_and_grads(1)  # one image (or window) per group
+    assert torch.allclose(whole, split, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_grads, split_grads))
+
+
 def test_mff_weights_are_learned():
     torch.manual_seed(0)
     cfg = _cfg(mff=True, depth=4)

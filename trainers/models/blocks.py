@@ -1,59 +1,33 @@
 """Transformer stacks built from timm's ViT blocks."""
 from __future__ import annotations
 
+import math
 from functools import partial
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from timm.layers import RelPosBias
-from timm.layers.attention import Attention as TimmAttention
+from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # MAE's norm
 
-
-class _SplitHeads(torch.autograd.Function):
-    """(B, N, 3 * H * d) qkv projection -> q, k, v views of shape (B, H, N, d).
-
-    The values are timm's reshape/permute/unbind. The backward writes the three
-    gradients into one buffer laid out like the projection; autograd's own
-    backward of unbind + permute stacks them and then copies the stack again.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int):
-        b, n, c = qkv.shape
-        return qkv.view(b, n, 3, heads, c // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        b, h, n, d = grads[0].shape
-        out = grads[0].new_empty(b, n, 3, h, d)
-        for i, g in enumerate(grads):
-            out[:, :, i].copy_(g.transpose(1, 2))
-        return out.view(b, n, 3 * h * d), None
-
-
-class Attention(TimmAttention):
-    """timm's attention (same parameters and math) with a cheaper qkv split."""
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        b, n, _ = x.shape
-        q, k, v = _SplitHeads.apply(self.qkv(x), self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.proj(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+# glibc serves allocations above its mmap threshold (32 MiB at most) with fresh
+# mmaps whose pages fault on first touch, and it trims the heap top when about
+# twice the threshold lies free there. A CPU step whose activations stay well
+# under that reuses its memory instead of faulting it in again on every step.
+CPU_GROUP_BYTES = 16 << 20
 
 
 def vit_blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
     return nn.ModuleList(
-        Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, attn_layer=Attention)
-        for _ in range(depth)
+        Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)
     )
 
 
 class RelPosAttention(Attention):
-    """Attention with a learned relative position bias over a w x w window (LoMaR)."""
+    """timm attention with a learned relative position bias over a w x w window (LoMaR)."""
 
     window: int  # set by relpos_blocks: timm's Block wants a class, not a partial
 
@@ -71,6 +45,26 @@ def relpos_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, window: in
         Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, attn_layer=attn)
         for _ in range(depth)
     )
+
+
+def cpu_groups(x: torch.Tensor, blocks: nn.ModuleList) -> int:
+    """How many groups of images a (B, N, D) input to `blocks` is split into: one
+    off the CPU; on the CPU enough that the widest activation, the MLP's hidden
+    layer, stays under CPU_GROUP_BYTES."""
+    if x.device.type != "cpu" or not len(blocks):
+        return 1
+    b, n, _ = x.shape
+    hidden_bytes = b * n * blocks[0].mlp.fc1.out_features * x.element_size()
+    return min(b, math.ceil(hidden_bytes / CPU_GROUP_BYTES))
+
+
+def in_cpu_groups(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  blocks: nn.ModuleList) -> torch.Tensor:
+    """fn(x) for an fn that works image by image and runs `blocks`, computed over
+    cpu_groups(x, blocks) groups of images one after the other and concatenated:
+    the same result up to float rounding, with smaller activations."""
+    groups = cpu_groups(x, blocks)
+    return fn(x) if groups == 1 else torch.cat([fn(g) for g in x.chunk(groups)])
 
 
 def init_weights(module: nn.Module) -> None:

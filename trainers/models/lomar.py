@@ -18,7 +18,8 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from trainers.config import TrainConfig
-from trainers.models.blocks import LayerNorm, init_patch_embed, init_weights, relpos_blocks
+from trainers.models.blocks import (LayerNorm, in_cpu_groups, init_patch_embed, init_weights,
+                                    relpos_blocks)
 from trainers.models.pixels import masked_mse, patchify, pixel_targets
 
 
@@ -78,6 +79,10 @@ class LoMaR(nn.Module):
         return torch.gather(tokens, 1, idx).reshape(b * n, a, -1)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(windows, w*w, D) tokens -> normalised encoder output, window by window."""
+        return in_cpu_groups(self._encode_windows, x, self.blocks)
+
+    def _encode_windows(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

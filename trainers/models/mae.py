@@ -2,6 +2,7 @@
 2022) and multi-level feature fusion (MFF, Liu et al. 2023) as switches."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -9,7 +10,8 @@ from timm.layers import PatchEmbed, build_sincos2d_pos_embed
 from torch import nn
 
 from trainers.config import TrainConfig
-from trainers.models.blocks import LayerNorm, init_patch_embed, init_weights, vit_blocks
+from trainers.models.blocks import (LayerNorm, in_cpu_groups, init_patch_embed, init_weights,
+                                    vit_blocks)
 from trainers.models.masking import Masking, random_masking
 from trainers.models.pixels import masked_mse, patchify, pixel_targets
 
@@ -70,7 +72,9 @@ class MAE(nn.Module):
     # -- encoder
     def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
+        return in_cpu_groups(self._encode_tokens, torch.cat([cls, tokens], dim=1), self.blocks)
+
+    def _encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         outputs = []
         for blk in self.blocks:
             x = blk(x)
@@ -106,6 +110,9 @@ class MAE(nn.Module):
         order = masking.ids_shuffle.unsqueeze(-1).expand(-1, -1, dd)
         pos = torch.gather(self.decoder_pos_embed[:, 1:].expand(b, -1, -1), 1, order)
         x = x + torch.cat([self.decoder_pos_embed[:, :1].expand(b, -1, -1), pos], dim=1)
+        return in_cpu_groups(partial(self._decode_tokens, n_vis=n_vis), x, self.decoder_blocks)
+
+    def _decode_tokens(self, x: torch.Tensor, n_vis: int) -> torch.Tensor:
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x[:, n_vis:]))
