@@ -37,13 +37,20 @@ def validate_all_profiles(study: Study, path) -> None:
 
 
 def quiet_ray(log_path: str) -> None:
-    """Ray's and Tune's log lines go to a file, not to the user's terminal."""
+    """Python log lines (Ray's, Tune's and any library's) go to a file, not to the
+    user's terminal. Ray's loggers propagate to the root logger, which writes the
+    file: ray.init(configure_logging=False) clears the "ray" logger's handlers,
+    and a warning logged then would reach the terminal through logging's last
+    resort."""
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
         logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.propagate = False
+        logger.handlers = []
+        logger.propagate = True
         logger.setLevel(logging.INFO)
 
 
@@ -52,7 +59,6 @@ def start_ray(address: Optional[str], log_path: str) -> None:
 
     quiet_ray(log_path)
     init_ray(address, log_to_driver=False, configure_logging=False)
-    quiet_ray(log_path)  # ray.init may have added its own handlers
 
 
 def choose_profile(study: Study, requested: Optional[str]) -> str:

@@ -47,7 +47,10 @@ def _print_curve(curve, console: Console) -> None:
         if g.fit is None:
             console.print(f"  {g.group}: not fitted: {g.error}")
             continue
-        params = ", ".join(f"{k}={v:.4g} {_interval(*g.fit.ci[k])}" for k, v in g.fit.params.items())
+        if g.fit.interval_note:
+            params = ", ".join(f"{k}={v:.4g}" for k, v in g.fit.params.items()) + f" ({g.fit.interval_note})"
+        else:
+            params = ", ".join(f"{k}={v:.4g} {_interval(*g.fit.ci[k])}" for k, v in g.fit.params.items())
         console.print(f"  {g.group}: {params}")
         if g.fit.vertex is not None:
             console.print(f"    optimum at {spec.x}={g.fit.vertex:.4g} {_interval(*g.fit.vertex_ci)}")

@@ -56,6 +56,7 @@ class CellSearcher(Searcher):
         self._quota = study.trials_per_cell
         self._cells = [c.id for c in plan.cells]
         self._issued = {c: 0 for c in self._cells}
+        self._cost = {c.id: c.flops_per_trial for c in plan.cells}
         self._trial_cell: dict[str, str] = {}
         space = optuna_space(study)
         self._optuna = {
@@ -68,8 +69,10 @@ class CellSearcher(Searcher):
         open_cells = [c for c in self._cells if self._issued[c] < self._quota]
         if not open_cells:
             return Searcher.FINISHED
-        # fewest issued first: cells fill evenly, so a stopped study has a balanced grid
-        cell = min(open_cells, key=lambda c: self._issued[c])
+        # Fewest issued first: cells fill evenly, so a stopped study has a balanced
+        # grid. Within a round the costliest cell first: the trials started last are
+        # short ones, not a long one left running alone on an idle cluster.
+        cell = min(open_cells, key=lambda c: (self._issued[c], -self._cost[c]))
         params = self._optuna[cell].suggest(trial_id) if self._optuna else {}
         replicate = self._issued[cell]
         self._issued[cell] += 1

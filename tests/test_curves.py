@@ -139,6 +139,21 @@ def test_refusals_say_why_in_one_line(x, y, law, kwargs, reason):
     assert reason in str(err.value) and "\n" not in str(err.value)
 
 
+def test_as_many_distinct_x_as_parameters_gives_no_interval():
+    """A real run: two equal replicates at x=16, one trial at 64 and at 256. The
+    law passes through the three means, and every bootstrap resample that can be
+    fitted refits them: a zero-width interval would claim certainty."""
+    x, y = [16, 16, 64, 256], [0.723, 0.723, 0.748, 0.762]
+    fit = fit_curve(x, y, "saturating_power", bootstrap=200, higher_is_better=True, log_x=True)
+    assert fit.n_bootstrap == 0 and "3 distinct x for 3 parameters" in fit.interval_note
+    assert all(np.isnan(bounds).all() for bounds in fit.ci.values())
+    assert fit.predict([64])[0] == pytest.approx(0.748, abs=1e-6)
+    assert json.loads(json.dumps(fit.to_dict()))["interval_note"] == fit.interval_note
+    # one more distinct x than parameters: intervals as usual
+    fit2 = fit_curve(x, y, "power", bootstrap=200, higher_is_better=True)
+    assert fit2.interval_note is None and fit2.n_bootstrap == 200
+
+
 def test_holdout_check_predicts_the_largest_x():
     x = np.repeat(np.logspace(0, 3, 8), 2)
     y = noisy(0.5 + 3 * x**-0.4, seed=6)

@@ -114,6 +114,16 @@ def test_grid_coverage_is_exact_with_everything_in_flight():
         assert cfg["train"]["seed"] == cfg["replicate"]  # replicates differ in their seed
 
 
+def test_costliest_cells_start_first_in_each_round():
+    plan = make_plan(load_study(REPO / "studies" / "seq_len_scaling.py"), "local")
+    searcher = CellSearcher(plan)
+    order = [searcher.suggest(f"t{i}")["cell"] for i in range(plan.trials)]
+    cost = {c.id: c.flops_per_trial for c in plan.cells}
+    rounds = [order[:len(cost)], order[len(cost):]]
+    assert all(sorted(r) == sorted(cost) for r in rounds)  # every cell once per round
+    assert all([cost[c] for c in r] == sorted((cost[c] for c in r), reverse=True) for r in rounds)
+
+
 def test_optuna_history_survives_save_and_restore(tmp_path):
     plan = _plan()
     searcher = CellSearcher(plan)
@@ -177,6 +187,13 @@ def resumed_study(tmp_path_factory, mlflow_server):
     done = subprocess.run([sys.executable, "-m", "orchestrator", "resume", "tiny_grid", *common], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
     return SimpleNamespace(storage=storage, before=interrupted_after, done=done, uri=mlflow_server.uri)
+
+
+def test_terminal_shows_progress_and_no_log_noise(resumed_study):
+    out = resumed_study.done.stdout + resumed_study.done.stderr
+    assert "done (" in out  # the progress view's lines
+    for noise in ("(raylet)", "Token authentication", " INFO ", "WARNING", "Traceback"):
+        assert noise not in out, f"{noise!r} reached the terminal:\n{out[-3000:]}"
 
 
 def test_resume_completes_the_grid_without_rerunning(resumed_study):

@@ -9,11 +9,19 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainers.config import TrainConfig
-from trainers.loop import train_loop_per_worker
 
 # Ray Train's controller polls workers every 2 s by default and every report
 # waits for a poll; 0.1 s keeps evaluation and checkpoint points cheap.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+
+def run_worker(loop_config: dict) -> None:
+    """What each Train worker runs. The loop is imported here, in the worker: the
+    processes that only start runs (Tune trial drivers, the Train controller) then
+    skip importing timm and torchvision, seconds per process."""
+    from trainers.loop import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
 
 
 def scaling_config(cfg: TrainConfig) -> ScalingConfig:
@@ -33,7 +41,7 @@ def build_trainer(cfg: TrainConfig, storage_path: str, name: str, *,
     checkpoint there (Ray Train restores its checkpoint manager from storage).
     """
     return TorchTrainer(
-        train_loop_per_worker,
+        run_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "step_sink": step_sink, "echo": echo},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

@@ -31,6 +31,10 @@ def init_ray(address: Optional[str] = None, **kwargs) -> None:
     if address is None:
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # A trial starts several processes (trial driver, Train controller, workers);
+        # Ray's default of one process start per CPU queues concurrent trials' starts
+        # behind each other and prints a warning about it on the terminal.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, os.cpu_count() or 1)))
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     else:
         ray.init(address=address, **kwargs)

@@ -26,6 +26,8 @@ HELD_OUT_OFFSET_INCH = 0.1  # draw the prediction beside the actual held-out poi
 
 
 def _interval(value: float, ci: tuple[float, float]) -> str:
+    if not np.isfinite(ci).all():
+        return f"{value:.3g} (no interval)"
     return f"{value:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]"
 
 

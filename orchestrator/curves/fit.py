@@ -64,6 +64,7 @@ class FitResult:
     vertex_ci: tuple[float, float] | None = None
     vertex_is_optimum: bool | None = None  # the vertex is the best y (not the worst)
     holdout: HoldoutCheck | None = None  # attached by the study code when checked
+    interval_note: str | None = None  # why there are no intervals, when there are none
     _law: PowerSumLaw | QuadraticLaw = field(default=None, repr=False)
     _center: np.ndarray = field(default=None, repr=False)
     _theta: np.ndarray = field(default=None, repr=False)
@@ -118,6 +119,7 @@ class FitResult:
             "level": self.level,
             "n_points": self.n_points,
             "n_bootstrap": self.n_bootstrap,
+            "interval_note": self.interval_note,
             "higher_is_better": self.higher_is_better,
             "fitted_quantity": "1 - y" if self.higher_is_better else "y",
             "log_x": self.log_x,
@@ -196,6 +198,15 @@ def fit_curve(x, y, law: str = "saturating_power", *, bootstrap: int = 1000, see
     y = np.asarray(y, dtype=float)
     z = 1 - y if higher_is_better else y
     _refuse_unfittable(spec, inputs, z, higher_is_better)
+    interval_note = None
+    n_params, distinct = len(spec.param_names), len(np.unique(inputs, axis=0))
+    if bootstrap and distinct == n_params:
+        # The law passes through the mean at each x: a resample either refits the
+        # same means or misses an x and cannot be fitted, and the spread says
+        # nothing about how well the law describes the data.
+        bootstrap = 0
+        interval_note = (f"no interval: {distinct} distinct x for {n_params} parameters, "
+                         f"so the law passes through the mean at each x")
 
     center = spec.center(inputs)
     u = spec.features(inputs, center)
@@ -216,7 +227,7 @@ def fit_curve(x, y, law: str = "saturating_power", *, bootstrap: int = 1000, see
         level=level, x=inputs[:, 0] if spec.n_inputs == 1 else inputs, y=y,
         higher_is_better=higher_is_better, log_x=spec.uses_log_x,
         diagnostics=_diagnostics(spec.fit_space, t, spec.predict(theta[None], u)[0]),
-        bootstrap_params=boot, _law=spec, _center=center, _theta=theta,
+        bootstrap_params=boot, interval_note=interval_note, _law=spec, _center=center, _theta=theta,
         _theta_boot=theta_boot, _seed=seed)
     if isinstance(spec, QuadraticLaw):
         result.vertex = float(spec.vertex(theta[None], center)[0])

@@ -57,6 +57,8 @@ def holdout_check(x, y, law: str, *, bootstrap: int = 1000, seed: int = 0, level
     kept_x = inputs[~held, 0] if inputs.shape[1] == 1 else inputs[~held]
     fit = fit_curve(kept_x, y[~held], law, bootstrap=bootstrap, seed=seed, level=level,
                     higher_is_better=higher_is_better, log_x=log_x)
+    if fit.n_bootstrap == 0:
+        raise CurveFitError(f"fitted without the largest x: {fit.interval_note or 'bootstrap=0'}")
     point = inputs[held][:1]
     x_held = float(point[0, 0]) if inputs.shape[1] == 1 else tuple(map(float, point[0]))
     query = point[:, 0] if inputs.shape[1] == 1 else point
