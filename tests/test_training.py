@@ -65,3 +65,14 @@ def test_cli_refuses_bad_config_with_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "mask_ratio" in done.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_local_ray_starts_no_preemption_watcher(ray_local, tmp_path):
+    """Train v2 would start a spot-preemption watcher process per run; a local
+    machine cannot be preempted, and each process costs seconds per trial."""
+    from ray.util.state import list_actors
+
+    run_pretraining(TrainConfig(**SMALL, steps=4), str(tmp_path), "watcher")
+    classes = {a.class_name for a in list_actors(limit=1000)}
+    assert "RayTrainWorker" in classes  # the state API sees this run's actors
+    assert "PreemptionWatcher" not in classes

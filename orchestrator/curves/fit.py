@@ -201,12 +201,12 @@ def fit_curve(x, y, law: str = "saturating_power", *, bootstrap: int = 1000, see
     interval_note = None
     n_params, distinct = len(spec.param_names), len(np.unique(inputs, axis=0))
     if bootstrap and distinct == n_params:
-        # The law passes through the mean at each x: a resample either refits the
-        # same means or misses an x and cannot be fitted, and the spread says
-        # nothing about how well the law describes the data.
+        # No degree of freedom is left: an unconstrained law passes through the mean
+        # at each x, a resample either refits those means or misses an x and cannot
+        # be fitted, and the spread would say nothing about how well the law fits.
         bootstrap = 0
-        interval_note = (f"no interval: {distinct} distinct x for {n_params} parameters, "
-                         f"so the law passes through the mean at each x")
+        interval_note = (f"no interval: {distinct} distinct x for {n_params} parameters "
+                         f"leave no degree of freedom")
 
     center = spec.center(inputs)
     u = spec.features(inputs, center)
