@@ -217,6 +217,7 @@ def _log_path(name: str) -> str:
 
 def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: Optional[int],
              console: Console, restore: bool, log_path: str) -> dict:
+    from orchestrator.placement_sweeper import PlacementGroupSweeper
     from orchestrator.progress import StudyProgress
     from orchestrator.results import ResultsTable, TrialRecorder
 
@@ -229,10 +230,11 @@ def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: 
     limit = concurrency(plan, max_concurrent)
     console.print(f"[bold]{ctx.study}[/bold] ({ctx.profile}): {len(plan.cells)} cells x "
                   f"{plan.study.trials_per_cell} trials, {limit} at a time; Ray log: {log_path}")
-    tuner = _tuner(plan, ctx, storage, [recorder, progress], limit, restore)
+    callbacks = [recorder, progress, PlacementGroupSweeper()]
+    tuner = _tuner(plan, ctx, storage, callbacks, limit, restore)
     if restore:
         # callbacks are not part of Tune's saved state: attach this execution's
-        tuner._local_tuner._run_config.callbacks = [recorder, progress]
+        tuner._local_tuner._run_config.callbacks = callbacks
     tuner.fit()
     client.set_terminated(ctx.parent_run_id, "FINISHED")
     return state
