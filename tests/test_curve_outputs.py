@@ -204,3 +204,25 @@ def test_log_curves_to_mlflow(results, tmp_path):
 
     artifacts = {a.path for a in client.list_artifacts(run_id, "curves")}
     assert artifacts == {f"curves/{name}.png" for name in results}
+
+
+def test_figure_keeps_the_points_readable_when_intervals_are_wild():
+    """A real local mask-ratio sweep: 4 trials per group, and the held-out
+    prediction interval of the parabola spanned hundreds of accuracy points."""
+    from orchestrator.curves.figures import Y_MARGIN, plot_curve
+
+    table = pd.DataFrame({
+        "mask_unit": [1, 2, 2, 1, 1, 2, 1, 2, 2],
+        "mask_ratio": [0.7018, 0.6294, 0.7962, 0.7934, 0.7315, 0.4001, 0.4112, 0.4086, 0.4111],
+        "probe_top1": [0.731, 0.736, 0.738, 0.748, 0.756, 0.748, 0.782, 0.782, 0.752],
+        "status": "finished"})
+    spec = CurveSpec(name="probe_error_vs_mask_ratio", x="mask_ratio", y="probe_top1",
+                     group_by="mask_unit", law="quadratic", higher_is_better=True)
+    curve = fit_study_curves(table, [spec], bootstrap=200)[spec.name]
+    ax = plot_curve(curve).axes[0]
+    lo, hi = table.probe_top1.min(), table.probe_top1.max()
+    low, high = ax.get_ylim()
+    assert low <= lo and hi <= high  # every point is on the plot
+    span = hi - lo
+    assert lo - Y_MARGIN * span - 1e-9 <= low and high <= hi + Y_MARGIN * span + 1e-9
+    assert any("limited to the data" in t.get_text() for t in ax.texts)

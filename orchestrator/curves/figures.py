@@ -22,6 +22,7 @@ FORMULAS = {
     "quadratic": "y = a + b·s + c·s²",
 }
 SYMBOLS = {"alpha": "α", "beta": "β"}
+Y_MARGIN = 0.75  # data spans of room beyond the observed y, above and below
 HELD_OUT_OFFSET_INCH = 0.1  # draw the prediction beside the actual held-out point, not on it
 
 
@@ -130,6 +131,31 @@ def _plain_log_ticks(axis, limits: tuple[float, float]) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
+def _observed_range(curve: StudyCurve) -> tuple[float, float]:
+    """Lowest and highest observed y: trials and held-out means."""
+    ys = [v for g in curve.groups.values() for v in (*g.summary["min"], *g.summary["max"])]
+    ys += [g.holdout.actual for g in curve.groups.values() if g.holdout is not None]
+    return float(np.nanmin(ys)), float(np.nanmax(ys))
+
+
+def _limit_y_to_data(ax: Axes, curve: StudyCurve, log: bool) -> None:
+    """Keep the observed points readable: the y axis reaches at most Y_MARGIN data
+    spans beyond them, and a wider band or interval runs off the plot (its numbers
+    are in the legend), which a note says."""
+    lo, hi = _observed_range(curve)
+    if log:
+        ratio = (hi / lo) if hi > lo else 2.0
+        limits = lo / ratio ** Y_MARGIN, hi * ratio ** Y_MARGIN
+    else:
+        span = (hi - lo) or abs(hi) * 0.1 or 1.0
+        limits = lo - span * Y_MARGIN, hi + span * Y_MARGIN
+    shown = ax.get_ylim()
+    if shown[0] < limits[0] or shown[1] > limits[1]:
+        ax.set_ylim(max(shown[0], limits[0]), min(shown[1], limits[1]))
+        ax.text(0.01, 0.01, "y axis limited to the data; wider intervals run off it",
+                transform=ax.transAxes, fontsize=7, color="grey", va="bottom")
+
+
 def _plot_one_variable(ax: Axes, curve: StudyCurve) -> None:
     spec = curve.spec
     for i, g in enumerate(curve.groups.values()):
@@ -139,8 +165,11 @@ def _plot_one_variable(ax: Axes, curve: StudyCurve) -> None:
     if spec.log_x:
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis, ax.get_xlim())
-    if spec.law in POWER_LAWS and not spec.higher_is_better:
+    log_y = spec.law in POWER_LAWS and not spec.higher_is_better
+    if log_y:
         ax.set_yscale("log")
+    _limit_y_to_data(ax, curve, log_y)
+    if log_y:
         _plain_log_ticks(ax.yaxis, ax.get_ylim())
     ax.set_xlabel(spec.x + (" (log scale)" if spec.log_x else ""))
     ax.set_ylabel(spec.y + (" (higher is better)" if spec.higher_is_better else ""))
