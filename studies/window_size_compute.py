@@ -26,10 +26,10 @@ study = Study(
     profiles={
         "local": Profile(
             description="tiny models on Fashion-MNIST at 28 and 42 px, patch 2 (14x14 and 21x21 grids)",
-            axes={"model": ["lomar"], "window_size": [5, 7, 9, 14], "img_size": [28, 42], "steps": [40, 120]},
-            include=[{"model": "mae", "img_size": r, "steps": s} for r in (28, 42) for s in (40, 120)],
+            axes={"model": ["lomar"], "window_size": [5, 7, 9, 14], "img_size": [28, 42], "steps": [30, 90]},
+            include=[{"model": "mae", "img_size": r, "steps": s} for r in (28, 42) for s in (30, 90)],
             fixed={"preset": "tiny", "dataset": "fashion_mnist", "patch_size": 2,
-                   "batch_size": 32, "base_lr": 6e-3, "probe_train_size": 1000, "probe_eval_size": 500},
+                   "batch_size": 32, "base_lr": 6e-3, "probe_train_size": 800, "probe_eval_size": 400},
             budget=Budget(steps=80),
         ),
         "cluster": Profile(
