@@ -2,6 +2,7 @@
 import time
 
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.placement_sweeper import PlacementGroupSweeper
 
@@ -21,7 +22,7 @@ def test_empty_group_is_removed_at_the_second_look_and_a_used_one_stays(ray_loca
     leaked = placement_group([{"CPU": 1}])
     used = placement_group([{"CPU": 1}])
     ray.get([leaked.ready(), used.ready()])
-    holder = Holder.options(placement_group=used).remote()
+    holder = Holder.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
     assert ray.get(holder.ping.remote()) == 1
     try:
         sweeper = PlacementGroupSweeper(every_s=0)
