@@ -40,6 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from step_timing import seconds_per_step  # noqa: E402  (bench/, the script's folder)
+
 STUDY_FILE = REPO / "bench" / "studies" / "overhead.py"
 
 
@@ -213,32 +215,6 @@ def study_step_seconds(storage: str, name: str) -> list[float]:
 
 # --------------------------------------------------------------------------- the bench
 
-def seconds_per_step(cfg, budget_s: float) -> float:
-    """Median seconds of a data batch + optimizer step on the trainer's code path."""
-    import torch
-
-    from trainers.data import PretrainStream
-    from trainers.models import build_model
-    from trainers.optim import build_optimizer, build_schedule
-    from trainers.step import TrainStep
-
-    torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
-    model = build_model(cfg)
-    opt = build_optimizer(model, cfg)
-    step = TrainStep(model, opt, build_schedule(opt, cfg), cfg, torch.device("cpu"))
-    stream, gen = PretrainStream(cfg, 0, 1), torch.Generator()
-    for i in range(3):
-        step(i, [stream.batch(i)[0]], gen)
-    times, t0 = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - t0 < budget_s:
-        t = time.perf_counter()
-        step(3 + len(times), [stream.batch(3 + len(times))[0]], gen)
-        times.append(time.perf_counter() - t)
-    # The median: a burst of other work on the shared machine does not set the budget.
-    median = sorted(times)[len(times) // 2]
-    return median
-
-
 def _subprocess(label: str, cmd: list[str], env: dict, log_path: str) -> float:
     print(f"[{time.strftime('%H:%M:%S')}] {label}: {' '.join(cmd[1:4])} ...", flush=True)
     t0 = time.perf_counter()
@@ -365,7 +341,7 @@ def main(argv=None) -> int:
         from orchestrator.study import load_study
 
         probe_cfg = TrainConfig(**{**load_study(STUDY_FILE).profiles["local"].fixed, "steps": 1000})
-        sec = seconds_per_step(probe_cfg, 6.0)
+        sec, _ = seconds_per_step(probe_cfg, 6.0)
         args.steps = max(10, round(args.trial_seconds / sec))
         print(f"warm-up: {sec * 1000:.0f} ms/step -> {args.steps} steps per trial", flush=True)
     os.environ["BENCH_OVERHEAD_STEPS"] = str(args.steps)

@@ -38,11 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainers.config import TrainConfig  # noqa: E402
-from trainers.data import PretrainStream, load_eval_arrays  # noqa: E402
+from trainers.data import load_eval_arrays  # noqa: E402
 from trainers.evaluation import extract_features, knn_top1, linear_probe_top1  # noqa: E402
 from trainers.models import build_model  # noqa: E402
-from trainers.optim import build_optimizer, build_schedule  # noqa: E402
-from trainers.step import TrainStep  # noqa: E402
+from step_timing import seconds_per_step  # noqa: E402  (bench/, the script's folder)
 
 # Defaults chosen by the experiments recorded in bench/RESULTS.md ("## probe_quality").
 DEFAULTS = dict(preset="tiny", model="mae", dataset="fashion_mnist", img_size=32, patch_size=4,
@@ -72,27 +71,6 @@ def config_fields(args: argparse.Namespace) -> dict:
         key, _, value = item.partition("=")
         fields[key.replace("-", "_")] = value  # pydantic coerces the string
     return fields
-
-
-def seconds_per_step(cfg: TrainConfig, budget_s: float) -> tuple[float, int]:
-    """Median wall seconds of a data batch + optimizer step, on the trainer's code path
-    with the worker's thread count; returns (seconds, steps timed)."""
-    torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    opt = build_optimizer(model, cfg)
-    step = TrainStep(model, opt, build_schedule(opt, cfg), cfg, torch.device("cpu"))
-    stream, gen = PretrainStream(cfg, 0, 1), torch.Generator()
-    for i in range(3):
-        step(i, [stream.batch(i)[0]], gen)
-    times, t0 = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - t0 < budget_s:
-        t = time.perf_counter()
-        step(3 + len(times), [stream.batch(3 + len(times))[0]], gen)
-        times.append(time.perf_counter() - t)
-    # The median: a burst of other work on the shared machine does not set the budget.
-    median = sorted(times)[len(times) // 2]
-    return median, len(times)
 
 
 def cli_args(fields: dict) -> list[str]:
