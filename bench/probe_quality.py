@@ -43,7 +43,7 @@ from trainers.evaluation import extract_features, knn_top1, linear_probe_top1  #
 from trainers.models import build_model  # noqa: E402
 from step_timing import seconds_per_step  # noqa: E402  (bench/, the script's folder)
 
-# Defaults chosen by the experiments recorded in bench/RESULTS.md ("## probe_quality").
+# Defaults; what set them, and what is measured of them: bench/RESULTS.md ("## probe_quality").
 DEFAULTS = dict(preset="tiny", model="mae", dataset="fashion_mnist", img_size=32, patch_size=4,
                 batch_size=64, base_lr=5e-3, mask_ratio=0.75, norm_pix_loss=True,
                 probe_train_size=10000, probe_eval_size=10000, log_every_steps=100)
