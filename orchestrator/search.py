@@ -8,17 +8,18 @@ not stopped for trailing a ViT-B one): one ASHA per cell.
 """
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, Optional
 
 import optuna
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # per-trial lines would flood the progress view
-from optuna.distributions import (CategoricalDistribution, FloatDistribution,
-                                  IntDistribution)
+from optuna.distributions import (CategoricalDistribution, FloatDistribution, IntDistribution,
+                                  distribution_to_json, json_to_distribution)
+from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import Searcher
-from ray import cloudpickle
-from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.planning import Plan
 from orchestrator.study import Study
@@ -45,9 +46,26 @@ def _sampler(study: Study, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, max(1, study.trials_per_cell // 2)))
 
 
+def _objective(result: Optional[dict], metric: str) -> Optional[float]:
+    """The objective of a Tune result, or None where the result has none: a
+    checkpoint between evaluation points, a diverged run's last report."""
+    value = (result or {}).get(metric)
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
 class CellSearcher(Searcher):
     """Suggests {"cell": id, "replicate": k, **tuned, "train": the trial's TrainConfig}
-    with exact per-cell quotas."""
+    with exact per-cell quotas, asking and telling one Optuna study per cell.
+
+    Optuna is told how each trial ended: a trial that trained to its budget is
+    COMPLETE with its final objective; one a scheduler stopped early, or that
+    diverged, is PRUNED (a divergence reports NaN at its step first, which
+    Optuna's TPE ranks below every trial that reached that step); a trial that
+    errored is FAIL. Reports without the objective are not the searcher's business.
+    Its state is saved as JSON: restoring it runs no code from storage.
+    """
 
     def __init__(self, plan: Plan, seed: int = 0):
         study = plan.study
@@ -58,12 +76,13 @@ class CellSearcher(Searcher):
         self._issued = {c: 0 for c in self._cells}
         self._cost = {c.id: c.flops_per_trial for c in plan.cells}
         self._trial_cell: dict[str, str] = {}
-        space = optuna_space(study)
+        self._trial_number: dict[str, int] = {}  # Tune trial id -> Optuna trial number in its cell
+        self._space = optuna_space(study)
+        direction = "maximize" if study.objective.mode == "max" else "minimize"
         self._optuna = {
-            c: OptunaSearch(space=space, metric=study.objective.metric, mode=study.objective.mode,
-                            sampler=_sampler(study, seed + i))
+            c: optuna.create_study(direction=direction, sampler=_sampler(study, seed + i))
             for i, c in enumerate(self._cells)
-        } if space else {}
+        } if self._space else {}
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         open_cells = [c for c in self._cells if self._issued[c] < self._quota]
@@ -73,34 +92,88 @@ class CellSearcher(Searcher):
         # grid. Within a round the costliest cell first: the trials started last are
         # short ones, not a long one left running alone on an idle cluster.
         cell = min(open_cells, key=lambda c: (self._issued[c], -self._cost[c]))
-        params = self._optuna[cell].suggest(trial_id) if self._optuna else {}
+        params = {}
+        if self._optuna:
+            trial = self._optuna[cell].ask(self._space)
+            self._trial_number[trial_id] = trial.number
+            params = trial.params
         replicate = self._issued[cell]
         self._issued[cell] += 1
         self._trial_cell[trial_id] = cell
         train = self._plan.trial_config(cell, params, replicate)
         return {"cell": cell, "replicate": replicate, **params, "train": train.model_dump(mode="json")}
 
+    def _running(self, trial_id: str) -> Optional[tuple[optuna.Study, int]]:
+        """The cell's Optuna study and the trial's number, while Optuna waits for its end."""
+        if not self._optuna or trial_id not in self._trial_number:
+            return None
+        study, number = self._optuna[self._trial_cell[trial_id]], self._trial_number[trial_id]
+        if study.trials[number].state != TrialState.RUNNING:
+            return None  # told already (a replayed report after a resume)
+        return study, number
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self._optuna:
-            self._optuna[self._trial_cell[trial_id]].on_trial_result(trial_id, result)
+        value, running = _objective(result, self.metric), self._running(trial_id)
+        if value is None or running is None:
+            return
+        study, number = running
+        _report(study, number, value, int(result.get("step", result.get("training_iteration", 0))))
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        if self._optuna and trial_id in self._trial_cell:
-            self._optuna[self._trial_cell[trial_id]].on_trial_complete(trial_id, result, error)
+        running = self._running(trial_id)
+        if running is None:
+            return
+        study, number = running
+        status = (result or {}).get("status")
+        value = _objective(result, self.metric)
+        if error:
+            study.tell(number, state=TrialState.FAIL)
+        elif status == "finished" and value is not None:
+            study.tell(number, value)
+        else:
+            if status == "diverged":
+                _report(study, number, float("nan"), int((result or {}).get("step", 0)))
+            study.tell(number, state=TrialState.PRUNED)
 
     def optuna_trials(self, cell: str) -> list:
         """The cell's Optuna history (finished, pruned and failed trials)."""
-        return self._optuna[cell]._ot_study.trials if self._optuna else []
+        return self._optuna[cell].trials if self._optuna else []
 
-    # cloudpickle: the plan holds the study, whose `derive` lives in a study file
-    # that is not an importable module.
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            cloudpickle.dump(self.__dict__, f)
+        state = {"issued": self._issued, "trial_cell": self._trial_cell, "trial_number": self._trial_number,
+                 "optuna": {c: [_trial_json(t) for t in s.trials] for c, s in self._optuna.items()}}
+        with open(checkpoint_path, "w") as f:
+            json.dump(state, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(cloudpickle.load(f))
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        if sorted(state["issued"]) != sorted(self._cells):
+            raise ValueError(f"{checkpoint_path}: the saved search is of other cells than this study's")
+        self._issued, self._trial_cell = state["issued"], state["trial_cell"]
+        self._trial_number = state["trial_number"]
+        for cell, trials in state["optuna"].items():
+            for t in trials:
+                self._optuna[cell].add_trial(_trial_from_json(t))
+
+
+def _report(study: optuna.Study, number: int, value: float, step: int) -> None:
+    trial = optuna.Trial(study, study.trials[number]._trial_id)
+    if step not in study.trials[number].intermediate_values:  # a replay after a resume reports a step again
+        trial.report(value, step)
+
+
+def _trial_json(t: optuna.trial.FrozenTrial) -> dict:
+    return {"state": t.state.name, "value": t.value, "params": t.params,
+            "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+            "intermediate": {str(k): v for k, v in t.intermediate_values.items()}}
+
+
+def _trial_from_json(d: dict) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        state=TrialState[d["state"]], value=d["value"], params=d["params"],
+        distributions={k: json_to_distribution(v) for k, v in d["distributions"].items()},
+        intermediate_values={int(k): v for k, v in d["intermediate"].items()})
 
 
 class PerCellScheduler(FIFOScheduler):

@@ -1,5 +1,7 @@
 """Studies: validation, planning without Ray, exact grid coverage, per-cell ASHA,
 and a whole study on real Ray + a real MLflow server, interrupted and resumed."""
+import json
+import math
 import os
 import signal
 import subprocess
@@ -129,17 +131,47 @@ def test_optuna_history_survives_save_and_restore(tmp_path):
     searcher = CellSearcher(plan)
     first = [searcher.suggest(f"t{i}") for i in range(3)]
     for i, cfg in enumerate(first):
-        searcher.on_trial_complete(f"t{i}", {"eval_loss": 1.0 + i, "step": 12})
+        searcher.on_trial_complete(f"t{i}", {"eval_loss": 1.0 + i, "step": 12, "status": "finished"})
     searcher.save(str(tmp_path / "searcher.pkl"))
+    json.loads((tmp_path / "searcher.pkl").read_text())  # data, not a pickle
 
     restored = CellSearcher(plan)
     restored.restore(str(tmp_path / "searcher.pkl"))
-    history = sum(len(restored.optuna_trials(c.id)) for c in plan.cells)
-    assert history == 3
+    history = [t for c in plan.cells for t in restored.optuna_trials(c.id)]
+    assert sorted(t.value for t in history) == [1.0, 2.0, 3.0]
     rest = [restored.suggest(f"u{i}") for i in range(plan.trials - 3)]
     assert restored.suggest("extra") == Searcher.FINISHED
     cells = [cfg["cell"] for cfg in first + rest]
     assert all(cells.count(c.id) == 2 for c in plan.cells)
+
+
+def test_searcher_hears_each_ending_and_ignores_reports_without_the_objective():
+    """A checkpoint between evaluation points (no objective) once crashed Ray's
+    OptunaSearch with KeyError; a diverged trial reported the same way."""
+    from optuna.trial import TrialState
+
+    plan = _plan()
+    searcher = CellSearcher(plan)
+    ids = [f"t{i}" for i in range(4)]
+    for tid in ids:
+        searcher.suggest(tid)
+    for tid in ids:
+        searcher.on_trial_result(tid, {"step": 2, "loss": 0.9, "status": "running"})  # checkpoint only
+        searcher.on_trial_result(tid, {"step": 6, "eval_loss": 0.5, "status": "running"})
+    searcher.on_trial_complete("t0", {"step": 12, "eval_loss": 0.4, "status": "finished"})
+    searcher.on_trial_complete("t1", {"step": 6, "eval_loss": 0.5, "status": "running"})  # stopped early
+    searcher.on_trial_complete("t2", {"step": 8, "loss": float("nan"), "status": "diverged"})
+    searcher.on_trial_complete("t3", {"step": 4}, error=True)
+    by_id = {tid: searcher.optuna_trials(searcher._trial_cell[tid])[searcher._trial_number[tid]] for tid in ids}
+    assert by_id["t0"].state == TrialState.COMPLETE and by_id["t0"].value == 0.4
+    assert by_id["t1"].state == TrialState.PRUNED and by_id["t1"].intermediate_values == {6: 0.5}
+    assert by_id["t2"].state == TrialState.PRUNED and math.isnan(by_id["t2"].intermediate_values[8])
+    assert by_id["t3"].state == TrialState.FAIL
+    # a replayed report or ending after a resume changes nothing
+    searcher.on_trial_result("t0", {"step": 6, "eval_loss": 9.0})
+    searcher.on_trial_complete("t0", {"step": 12, "eval_loss": 9.0, "status": "finished"})
+    again = searcher.optuna_trials(searcher._trial_cell["t0"])[searcher._trial_number["t0"]]
+    assert again.value == 0.4 and again.intermediate_values == {6: 0.5}
 
 
 def _trial(tid, cell):
