@@ -6,9 +6,11 @@ Tune stops a trial early it kills the trial's driver and with it the controller;
 on this machine the group has then been seen to survive both paths, keeping its
 CPUs reserved, and the next trials waited for workers forever. This Tune
 callback looks, every `every_s` seconds, for placement groups of this study's
-Ray job in which no actor lives, and removes those still empty at the next look.
-A group that is about to receive its actors is empty for a moment, never for a
-whole interval.
+Ray job that reserve CPUs or GPUs and in which no actor lives, and removes
+those still empty at the next look. A group that is about to receive its
+actors is empty for a moment, never for a whole interval. Tune's own groups
+for trial drivers reserve neither (see campaign.driver_resources), so a trial
+waiting to start is never swept.
 """
 from __future__ import annotations
 
@@ -25,10 +27,15 @@ logger = logging.getLogger(__name__)
 SWEEP_EVERY_S = 15.0
 
 
+def _reserves_compute(group) -> bool:
+    return any({"CPU", "GPU"} & set(b.get("unit_resources", {})) for b in group.bundles or [])
+
+
 def empty_placement_groups(job_id: str) -> set[str]:
-    """Ids of the job's CREATED placement groups that hold no live actor."""
+    """Ids of the job's CREATED placement groups that reserve CPUs or GPUs and hold no live actor."""
     groups = {g.placement_group_id for g in list_placement_groups(
-        filters=[("state", "=", "CREATED")], detail=True, limit=10_000) if g.creator_job_id == job_id}
+        filters=[("state", "=", "CREATED")], detail=True, limit=10_000)
+        if g.creator_job_id == job_id and _reserves_compute(g)}
     used = {a.placement_group_id for a in list_actors(
         filters=[("state", "!=", "DEAD")], detail=True, limit=10_000) if a.placement_group_id}
     return groups - used
@@ -41,7 +48,7 @@ class PlacementGroupSweeper(Callback):
         self._empty: set[str] = set()
         self.removed: list[str] = []
 
-    def on_step(self, iteration: int, trials: list, **info) -> None:
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if time.monotonic() - self._last >= self._every_s:
             self.sweep()
 

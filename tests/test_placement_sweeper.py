@@ -21,15 +21,18 @@ def test_empty_group_is_removed_at_the_second_look_and_a_used_one_stays(ray_loca
 
     leaked = placement_group([{"CPU": 1}])
     used = placement_group([{"CPU": 1}])
-    ray.get([leaked.ready(), used.ready()])
+    driver_like = placement_group([{"memory": 2 ** 20}])  # a Tune trial driver's: never swept
+    ray.get([leaked.ready(), used.ready(), driver_like.ready()])
     holder = Holder.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
     assert ray.get(holder.ping.remote()) == 1
     try:
         sweeper = PlacementGroupSweeper(every_s=0)
-        sweeper.sweep()  # first look: both noted or kept, nothing removed yet
+        # through the hook Tune calls after each step of its loop
+        sweeper.on_step_end(iteration=0, trials=[])  # first look: noted, nothing removed yet
         assert _state(leaked) == "CREATED" and sweeper.removed == []
-        sweeper.sweep()
+        sweeper.on_step_end(iteration=1, trials=[])
         assert sweeper.removed == [leaked.id.hex()]
+        assert _state(driver_like) == "CREATED"
         deadline = time.time() + 10
         while _state(leaked) != "REMOVED" and time.time() < deadline:
             time.sleep(0.1)
@@ -41,3 +44,4 @@ def test_empty_group_is_removed_at_the_second_look_and_a_used_one_stays(ray_loca
     finally:
         ray.kill(holder)
         remove_placement_group(used)
+        remove_placement_group(driver_like)
