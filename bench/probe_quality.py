@@ -87,7 +87,7 @@ def final_checkpoint(run_dir: str) -> str:
     paths = glob.glob(os.path.join(run_dir, "ray", "**", "state.pt"), recursive=True)
     if not paths:
         raise SystemExit(f"no checkpoint under {run_dir}/ray")
-    steps = {p: torch.load(p, map_location="cpu", weights_only=False)["progress"]["step"] for p in paths}
+    steps = {p: torch.load(p, map_location="cpu", weights_only=True)["progress"]["step"] for p in paths}
     return max(steps, key=steps.get)
 
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
     # The frozen encoder of the final checkpoint, on the subsets the trainer evaluated.
     torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
-    state = torch.load(final_checkpoint(run_dir), map_location="cpu", weights_only=False)
+    state = torch.load(final_checkpoint(run_dir), map_location="cpu", weights_only=True)
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     train_x, train_y = load_eval_arrays(cfg, "train", cfg.probe_train_size, cfg.seed)

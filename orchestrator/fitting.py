@@ -6,9 +6,9 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from orchestrator.campaign import study_from_state
 from orchestrator.curves import fit_study_curves, log_curves_to_mlflow, write_curve_outputs
 from orchestrator.results import RESULTS_FILE
+from orchestrator.saved_state import curves_of
 from orchestrator.storage import Storage
 from orchestrator.study import StudyError
 
@@ -18,16 +18,16 @@ def _interval(lo: float, hi: float) -> str:
 
 
 def fit_study(state: dict, storage_uri: str, console: Console, bootstrap: int = 1000) -> dict:
-    study, _ = study_from_state(state)
+    specs = curves_of(state)
     name = state["name"]
-    if not study.curves:
+    if not specs:
         console.print(f"{name}: the study declares no curves to fit")
         return {}
     storage = Storage(storage_uri)
     if not storage.exists(name, RESULTS_FILE):
         raise StudyError(f"study {name!r} has no {RESULTS_FILE} yet in {storage_uri}: no trial has ended")
     table = storage.read_table(f"{name}/{RESULTS_FILE}")
-    curves = fit_study_curves(table, study.curves, bootstrap=bootstrap, seed=0)
+    curves = fit_study_curves(table, specs, bootstrap=bootstrap, seed=0)
     written = write_curve_outputs(curves, storage.path(name, "curves"), filesystem=storage.fs)
     log_curves_to_mlflow(curves, MlflowClient(state["tracking_uri"]), state["parent_run_id"])
     for curve in curves.values():

@@ -13,13 +13,18 @@ import pyarrow as pa
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from orchestrator.outbox import Outbox
+from orchestrator.relay import finish_relay
 
 from orchestrator.storage import Storage
 from orchestrator.tracking import log_metrics, set_tags
 from trainers.config import TrainConfig
 
 RESULTS_FILE = "results.parquet"
-FINAL_METRICS = ("loss", "first_loss", "flops", "images_per_s", "probe_top1", "knn_top1", "eval_loss")
+FINAL_METRICS = ("loss", "first_loss", "flops", "images_per_s", "probe_top1", "knn_top1", "eval_loss",
+                 "step_metrics_lost")
 STATUSES = ("finished", "stopped_early", "diverged", "failed")
 _MLFLOW_END = {"finished": "FINISHED", "stopped_early": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 
@@ -62,25 +67,42 @@ class ResultsTable:
             for row in storage.read_table(self.rel).to_pylist():
                 self.rows[row["trial_id"]] = row
 
-    def put(self, row: dict) -> None:
-        self.rows[row["trial_id"]] = row
-        self.storage.write_table(self.rel, pa.Table.from_pylist(list(self.rows.values())))
+    def write(self, rows: list[dict]) -> None:
+        self.storage.write_table(self.rel, pa.Table.from_pylist(rows))
 
 
 class TrialRecorder(Callback):
-    """Writes each ended trial to results.parquet and closes its MLflow run."""
+    """Writes each ended trial to results.parquet and closes its MLflow run.
+
+    Its writes go through Outboxes (storage, MLflow, the trials' metric
+    relays), so an outage never stops the study; `close` says what could not
+    be written, and each row counts its step metrics that never reached MLflow. On a
+    resumed study it first catches up with what the killed driver left undone:
+    rows of trials that ended unrecorded, and MLflow runs left RUNNING.
+    """
 
     def __init__(self, storage: Storage, study: str, tracking_uri: str, experiment_id: str,
                  parent_run_id: str):
+        self.study = study
         self.table = ResultsTable(storage, study)
         self.client = MlflowClient(tracking_uri)
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.lock = threading.Lock()
+        self.storage_outbox = Outbox("results store")
+        self.tracking_outbox = Outbox("MLflow")
+        self.relay_outbox = Outbox("step metrics relays")  # waits for relays, apart from other MLflow calls
+        self.unknown_losses: list[str] = []
+        self._caught_up = False
 
     def __getstate__(self):
         # Tune pickles its run config, callbacks included, into the experiment
         # state; a resumed execution attaches fresh callbacks, so keep nothing.
         return {}
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._caught_up:
+            self._caught_up = True
+            self._catch_up(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._record(trial, errored=False)
@@ -88,29 +110,80 @@ class TrialRecorder(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record(trial, errored=True)
 
+    def close(self, parent_status: str, timeout_s: float = 300.0) -> list[str]:
+        """End the parent run and wait for every write; returns what was never written."""
+        lost = [f"MLflow: {w}" for w in self.relay_outbox.drain(timeout_s)] + self.unknown_losses
+        self.tracking_outbox.put("end of the study's parent run",
+                                 lambda: self.client.set_terminated(self.parent_run_id, parent_status))
+        lost += [f"results store: {w}" for w in self.storage_outbox.drain(timeout_s)]
+        return lost + [f"MLflow: {w}" for w in self.tracking_outbox.drain(timeout_s)]
+
+    def _catch_up(self, trials: list) -> None:
+        ended = {t.trial_id: t for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR)}
+        for trial in ended.values():
+            if trial.trial_id not in self.table.rows:
+                self._record(trial, errored=trial.status == Trial.ERROR)
+        known = {t.trial_id for t in trials}
+        self.tracking_outbox.put("end of runs left running", lambda: self._end_runs_left_running(known))
+
+    def _end_runs_left_running(self, known: set[str]) -> None:
+        """Nested runs still RUNNING after a driver was killed: a trial with a row
+        gets its final state; one that Tune never saved (it started just before the
+        kill, and will run again as a new trial) is marked KILLED."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}' and attributes.status = 'RUNNING'"))
+        for run in runs:
+            trial_id = run.data.tags.get("trial_id")
+            if trial_id in self.table.rows:
+                self._close_run(run.info.run_id, self.table.rows[trial_id])
+            elif trial_id not in known:
+                set_tags(self.client, run.info.run_id, {"status": "lost",
+                         "reason": "the study's driver died before Tune saved this trial; it ran again as another"})
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
     def _record(self, trial, errored: bool) -> None:
         status = trial_status(trial.last_result, errored)
         row = result_row(trial.trial_id, trial.config, trial.last_result, status)
         with self.lock:
-            self.table.put(row)
-            self._close_run(trial.trial_id, row)
-            self._study_metrics()
+            self.table.rows[row["trial_id"]] = row
+        self._write_rows()
+        self.tracking_outbox.put(f"end of trial {trial.trial_id}'s run", lambda: self._close_trial_run(row))
+        self.relay_outbox.put(f"step metrics of trial {trial.trial_id}", lambda: self._finish_relay(row))
 
-    def _close_run(self, trial_id: str, row: dict) -> None:
+    def _write_rows(self) -> None:
+        with self.lock:
+            rows = list(self.table.rows.values())
+        self.storage_outbox.put(f"{RESULTS_FILE} with {len(rows)} rows", lambda: self.table.write(rows))
+        self.tracking_outbox.put("study metrics", lambda: self._study_metrics(rows))
+
+    def _finish_relay(self, row: dict) -> None:
+        """The count of step metrics that never reached MLflow goes into the trial's row."""
+        try:
+            lost = finish_relay(self.study, row["trial_id"])
+        except Exception as err:  # the relay died: what it held is gone, and how much is unknown
+            self.unknown_losses.append(f"MLflow: step metrics of trial {row['trial_id']} (its relay died: "
+                                       f"{type(err).__name__}; how many is unknown)")
+            return
+        with self.lock:
+            row["step_metrics_lost"] = float(lost)
+        self._write_rows()
+
+    def _close_trial_run(self, row: dict) -> None:
         runs = self.client.search_runs(
             [self.experiment_id], max_results=1,
-            filter_string=f"tags.trial_id = '{trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'")
-        if not runs:
-            return  # the trial failed before it could create its run
-        run_id = runs[0].info.run_id
-        final = {k: row[k] for k in FINAL_METRICS if row[k] is not None}
+            filter_string=f"tags.trial_id = '{row['trial_id']}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'")
+        if runs:  # none: the trial failed before it could create its run
+            self._close_run(runs[0].info.run_id, row)
+
+    def _close_run(self, run_id: str, row: dict) -> None:
+        final = {k: row[k] for k in FINAL_METRICS if row.get(k) is not None}
         log_metrics(self.client, run_id, {f"final_{k}": v for k, v in final.items()}, step=row["steps_done"])
         set_tags(self.client, run_id, {"status": row["status"], "reason": row["reason"]})
         self.client.set_terminated(run_id, _MLFLOW_END[row["status"]])
 
-    def _study_metrics(self) -> None:
-        rows = list(self.table.rows.values())
+    def _study_metrics(self, rows: list[dict]) -> None:
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
         metrics = {f"trials_{s}": n for s, n in counts.items()}
         metrics["flops_spent"] = sum(r["flops"] or 0.0 for r in rows)
+        metrics["step_metrics_lost"] = sum(r.get("step_metrics_lost") or 0.0 for r in rows)
         log_metrics(self.client, self.parent_run_id, metrics, step=len(rows))

@@ -4,18 +4,18 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.campaign import read_state, study_from_state
 from orchestrator.results import STATUSES, ResultsTable
+from orchestrator.saved_state import objective_of, read_state
 from orchestrator.storage import Storage
 
 
 def print_status(name: str, storage_uri: str, console: Console) -> None:
     state = read_state(name, storage_uri)
-    study, _ = study_from_state(state)
     rows = list(ResultsTable(Storage(storage_uri), name).rows.values())
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     spent = sum(r["flops"] or 0.0 for r in rows)
-    metric, mode = study.objective.metric, study.objective.mode
+    objective = objective_of(state)
+    metric, mode = objective.metric, objective.mode
     console.print(f"[bold]{name}[/bold] ({state['profile']}): {len(rows)}/{state['trials']} trials ended: "
                   + ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items()))
     console.print(f"compute spent {spent:.3g} of {state['planned_flops']:.3g} planned FLOPs")

@@ -29,6 +29,10 @@ class Storage:
         except ValueError as e:
             raise StorageError(f"storage {uri}: {e}") from None
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
@@ -48,6 +52,10 @@ class Storage:
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def list(self, *parts: str) -> list[pafs.FileInfo]:
+        """What a folder holds (not recursive); nothing if it does not exist."""
+        return self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Readers see the old content or the new, never a part."""
@@ -75,6 +83,6 @@ class Storage:
 
     def ray_storage(self, *parts: str) -> tuple[str, pafs.FileSystem | None]:
         """(storage_path, storage_filesystem) for Ray Tune/Train run configs."""
-        if isinstance(self.fs, pafs.LocalFileSystem):
+        if self.is_local:
             return self.path(*parts), None
         return self.path(*parts), self.fs

@@ -4,11 +4,21 @@ from __future__ import annotations
 import os
 import subprocess
 import urllib.request
+from urllib.parse import urlsplit
 from typing import Optional
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+# MLflow's client retries an unreachable server for minutes, each try waiting up to
+# 120 s: a stopped server would stall whoever calls it. Our calls go through an
+# Outbox (orchestrator/outbox.py), which retries in the background, so each try
+# here is kept short.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+# Ending a run prints its URL on stdout, through the study's live view.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 # MLflow caps a param value at 6000 characters and a batch at 100 params.
 _PARAM_BATCH = 100
@@ -37,11 +47,19 @@ def git_commit() -> str:
 
 
 def check_tracking(uri: str) -> None:
-    """Fail before any trial runs if the tracking server cannot be reached.
+    """Fail before any trial runs if the tracking server cannot be reached, or if
+    its URI holds credentials (they belong in MLflow's own variables, which are
+    never recorded).
 
     An HTTP server is asked for /health with a short timeout first: MLflow's
     client retries an unreachable server for minutes before it gives up.
     """
+    parts = urlsplit(uri)
+    if parts.password or (parts.username and parts.scheme in ("http", "https")):
+        shown = parts._replace(netloc=f"***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
+        raise TrackingError(f"tracking {shown}: credentials in the URI would be recorded (study.json, logs); "
+                            f"give them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                            f"(or MLFLOW_TRACKING_TOKEN) instead")
     try:
         if uri.startswith(("http://", "https://")):
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).read()

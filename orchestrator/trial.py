@@ -1,20 +1,20 @@
 """One Tune trial: a Ray Train run of one configuration, with its nested MLflow run.
 
-The trial function only drives; the Train workers do the work. Its Train run
-is named after the trial, so a restarted trial (a retry, or `resume`) finds its
-checkpoints and continues from the latest.
+The trial function only drives; the Train workers do the work, and the trial's
+MLflow run is kept by its relay (orchestrator/relay.py), so training never
+waits for the tracking server. Its Train run is named after the trial, so a
+restarted trial (a retry, or `resume`) finds its checkpoints and continues from
+the latest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.relay import start_relay
+from orchestrator.relay import TrialRun, start_relay
 from orchestrator.storage import Storage
-from orchestrator.tracking import log_params, trial_run
 from trainers.config import TrainConfig
 from trainers.launch import build_trainer
 
@@ -47,15 +47,11 @@ class RunTrial:
         ctx = self.ctx
         trial_id = tune.get_context().get_trial_id()
         cfg = TrainConfig.model_validate(config["train"])
-        client = MlflowClient(ctx.tracking_uri)
-        run_name = f"{config['cell']} #{config['replicate']}"
-        run_id, created = trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id,
-                                    run_name, trial_tags(ctx, config))
-        if created:
-            tuned = {f"tuned.{k}": v for k, v in config.items() if k not in ("cell", "replicate", "train")}
-            log_params(client, run_id, {**cfg.resolved(), **tuned})
+        tuned = {f"tuned.{k}": v for k, v in config.items() if k not in ("cell", "replicate", "train")}
+        run = TrialRun(ctx.experiment_id, ctx.parent_run_id, trial_id, f"{config['cell']} #{config['replicate']}",
+                       trial_tags(ctx, config), {**cfg.resolved(), **tuned})
         path, fs = Storage(ctx.storage_uri).ray_storage(ctx.study, "trials")
         trainer = build_trainer(cfg, path, trial_id, storage_filesystem=fs,
-                                step_sink=start_relay(ctx.tracking_uri, run_id),
+                                step_sink=start_relay(ctx.tracking_uri, ctx.study, run),
                                 callbacks=[TuneReportCallback()])
         trainer.fit()

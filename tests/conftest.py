@@ -89,15 +89,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback with a sqlite backend and local artifacts."""
+def start_mlflow_server(root) -> tuple:
+    """A real `mlflow server` on loopback (sqlite backend, local artifacts under
+    `root`), in its own process group; returns (process, uri) once it answers."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -109,18 +108,29 @@ def mlflow_server(tmp_path_factory):
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
+            return proc, uri
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError((root / "server.log").read_text()[-2000:])
             time.sleep(0.5)
-    else:
-        raise RuntimeError("mlflow server did not answer /health in 120 s")
+    raise RuntimeError("mlflow server did not answer /health in 120 s")
+
+
+def stop_process_group(proc) -> None:
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGCONT)  # in case a test left it stopped
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a sqlite backend and local artifacts."""
+    root = tmp_path_factory.mktemp("mlflow")
+    proc, uri = start_mlflow_server(root)
     try:
         yield MlflowServer(uri, str(root / "artifacts"))
     finally:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_process_group(proc)

@@ -259,6 +259,7 @@ def test_mlflow_holds_parent_and_nested_trial_runs(resumed_study):
     assert len(parents) == 1
     parent = parents[0]
     assert len(children) == _plan().trials  # a resumed trial keeps its run
+    assert all(r.info.status == "FINISHED" for r in runs)  # none left RUNNING by the killed driver
     for run in children:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"study", "cell", "trial_id", "git_commit", "status"} <= set(run.data.tags)

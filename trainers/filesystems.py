@@ -32,7 +32,10 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     # Delayed open lets pyarrow write a small object with one PUT rather than a
     # three-request multipart upload (moto 5.2.1 also fails to complete those).
-    options = {"region": region, "allow_delayed_open": True}
+    # A storage blip (a stalled or refused connection) is retried for about a
+    # minute rather than failing a checkpoint upload after pyarrow's 3 attempts.
+    options = {"region": region, "allow_delayed_open": True, "connect_timeout": 5,
+               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
     endpoint = s3_endpoint()
     if endpoint is None:
         return pafs.S3FileSystem(**options)

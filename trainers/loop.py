@@ -100,6 +100,12 @@ def _diverged_marker(metrics: dict) -> str:
     return path
 
 
+def _load_state(folder: str) -> dict:
+    """A checkpoint's state. weights_only: tensors and plain data, never code, so a
+    checkpoint someone else could write to the bucket cannot run anything here."""
+    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+
+
 def _ended_metrics(checkpoint: Checkpoint) -> Optional[dict]:
     """The final metrics if the checkpoint is of a run that already ended
     (diverged, or trained to its last step), else None."""
@@ -108,14 +114,14 @@ def _ended_metrics(checkpoint: Checkpoint) -> Optional[dict]:
         if os.path.exists(marker):
             with open(marker) as f:
                 return json.load(f)
-        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        state = _load_state(path)
     ended = state["progress"]["step"] >= state["config"]["steps"]
     return state.get("metrics") if ended else None
 
 
 def _restore(checkpoint: Checkpoint, model, optimizer, cfg: TrainConfig) -> Progress:
     with checkpoint.as_directory() as path:
-        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        state = _load_state(path)
     saved, now = state["config"], cfg.resolved()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:

@@ -29,9 +29,10 @@ class StepLog:
             self._console.print(f"step {step}/{self._total}  {parts}")
 
     def close(self) -> None:
-        """Wait until the sink has taken every point (calls from one caller run in order)."""
+        """Wait until the sink has received every point (calls from one caller run
+        in order); writing them on is the sink's business, not the run's."""
         if self._sink is not None:
-            ray.get(self._sink.flush.remote())
+            ray.get(self._sink.received.remote())
 
 
 def _fmt(v: float) -> str:
