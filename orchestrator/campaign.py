@@ -16,6 +16,7 @@ from typing import Optional
 
 from rich.console import Console
 
+from orchestrator import preflight
 from orchestrator.planning import Plan, make_plan
 from orchestrator.storage import Storage
 from orchestrator.study import Study, StudyError, load_study
@@ -142,23 +143,36 @@ def _open_tracking(study_name: str, storage: Storage, tracking_uri: Optional[str
 def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking_uri: Optional[str],
           address: Optional[str], max_concurrent: Optional[int], name: Optional[str],
           console: Console) -> dict:
-    """Run a study file from the start. Returns the study state (see STATE_FILE)."""
+    """Run a study file from the start. Returns the study state (see STATE_FILE).
+
+    Every check comes before the first write (the experiment, the parent run,
+    study.json): a refused start leaves storage and MLflow as they were."""
     study = load_study(study_path)
     validate_all_profiles(study, study_path)
     if profile and profile not in study.profiles:
         raise StudyError(f"{study_path}: profiles.{profile}: the study declares no {profile!r} profile")
+    preflight.check_options(name, storage_uri, address, max_concurrent)
     name = name or study.name
+    plan = None
+    if profile:  # known before Ray starts, and so is the data its cells read
+        plan = make_plan(study, profile, study_path)
+        preflight.check_data(plan, study_path)
     storage = Storage(storage_uri)
     storage.check()
     if storage.exists(name, STATE_FILE):
         raise StudyError(f"study {name!r} already exists in {storage_uri}: "
                          f"`resume {name}` continues it, --name starts another")
-    uri, client, exp_id = _open_tracking(name, storage, tracking_uri)
+    check_tracking(tracking_uri or default_tracking_uri(storage))
 
     log_path = _log_path(name)
-    start_ray(address, log_path)
-    profile = choose_profile(study, profile)
-    plan = make_plan(study, profile, study_path)
+    with preflight.joining_ray(address):
+        start_ray(address, log_path)
+    if plan is None:
+        plan = make_plan(study, choose_profile(study, None), study_path)
+        preflight.check_data(plan, study_path)
+    preflight.check_cluster(plan, storage, address)
+    profile = plan.profile
+    uri, client, exp_id = _open_tracking(name, storage, tracking_uri)
     parent = client.create_run(exp_id, run_name=f"{name} ({profile})",
                                tags={"study": name, "profile": profile, "git_commit": git_commit(),
                                      "question": study.question})

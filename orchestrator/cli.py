@@ -1,6 +1,7 @@
 """python -m orchestrator {run,plan,resume,status,fit} ...
 
-Every refusal is one line on stderr and exit code 2, before Ray starts.
+Every refusal (a mistyped command line included) is one line on stderr, exit
+code 2 and no traceback, before anything is written.
 """
 from __future__ import annotations
 
@@ -12,11 +13,30 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.planning import CostModel, Plan, make_plan
+from orchestrator.preflight import PreflightError
 from orchestrator.storage import StorageError
 from orchestrator.study import StudyError, load_study
 from orchestrator.tracking import TrackingError
 
 DEFAULT_STORAGE = "runs"
+
+
+class UsageError(ValueError):
+    """A command line that argparse cannot read."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refuses a bad command line like any other input: one line (argparse's own
+    error also prints the usage) and exit code 2, from main."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _common(p: argparse.ArgumentParser, tracking: bool = True) -> None:
@@ -30,8 +50,8 @@ def _common(p: argparse.ArgumentParser, tracking: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m orchestrator", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a study file as a Ray Tune + Optuna campaign")
@@ -40,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: local when the Ray cluster has no GPU, cluster otherwise")
     _common(run)
     run.add_argument("--address", default=None, help="Ray address, e.g. auto (default: start Ray here)")
-    run.add_argument("--max-concurrent", type=int, default=None,
+    run.add_argument("--max-concurrent", type=_positive_int, default=None,
                      help="at most this many trials at once (default: what the cluster fits)")
     run.add_argument("--name", default=None, help="name of this execution (default: the study's name)")
 
@@ -56,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("name")
     _common(res)
     res.add_argument("--address", default=None)
-    res.add_argument("--max-concurrent", type=int, default=None)
+    res.add_argument("--max-concurrent", type=_positive_int, default=None)
 
     st = sub.add_parser("status", help="trials by status, best objective per cell, compute spent")
     st.add_argument("name")
@@ -161,11 +181,14 @@ def cmd_fit(args, console: Console) -> int:
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "resume": cmd_resume, "status": cmd_status, "fit": cmd_fit}
 
 
+REFUSALS = (UsageError, PreflightError, StudyError, StorageError, TrackingError)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    console = Console()
     try:
-        return COMMANDS[args.command](args, console)
-    except (StudyError, StorageError, TrackingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args, Console())
+    except REFUSALS as e:
+        # one line even when a message quotes a study file's multi-line exception
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2

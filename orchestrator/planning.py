@@ -88,13 +88,27 @@ def trial_config(study: Study, profile: str, values: dict[str, Any], params: dic
     prof = study.profiles[profile]
     fields = {**prof.fixed, **values}
     if study.derive is not None:
-        fields.update(study.derive(dict(fields)))
+        fields.update(_derived(study, fields))
     fields.update(params)
     fields["seed"] = fields.get("seed", 0) + seed
     # a `steps` axis (a compute sweep) overrides the profile's budget
-    steps = fields.pop("steps", None) or _steps_for(prof.budget, TrainConfig(**{**fields, "steps": 1}))
+    steps = fields.pop("steps", None)
+    if steps is None:
+        steps = _steps_for(prof.budget, TrainConfig(**{**fields, "steps": 1}))
     every = max(1, steps // study.evaluations)
     return TrainConfig(**{**fields, "steps": steps, "eval_every_steps": every if every < steps else 0})
+
+
+def _derived(study: Study, fields: dict[str, Any]) -> dict[str, Any]:
+    """What the study's `derive` adds to a cell; whatever it raises becomes a
+    ValueError naming it, which make_plan turns into a refusal naming the cell."""
+    try:
+        extra = study.derive(dict(fields))
+    except Exception as e:  # the study's own code: any exception is its bug
+        raise ValueError(f"derive raised {type(e).__name__}: {e}") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"derive must return a dict of training settings, got {type(extra).__name__}")
+    return extra
 
 
 def _midpoint(study: Study) -> dict[str, Any]:

@@ -56,10 +56,22 @@ class IntRange(_Param):
     low: int
     high: int  # inclusive
 
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.low <= self.high:
+            raise ValueError(f"needs low <= high, got {self.low}, {self.high}")
+        return self
+
 
 class Choice(_Param):
     kind: Literal["choice"] = "choice"
     values: tuple[Any, ...]
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.values:
+            raise ValueError("needs at least one value")
+        return self
 
 
 Param = Union[LogUniform, Uniform, IntRange, Choice]
@@ -137,16 +149,26 @@ class Study(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        if not v or any(c in v for c in "/\\ ") or v.startswith("."):
-            raise ValueError(f"{v!r} must be a plain folder name (no slashes or spaces)")
-        return v
+        return check_plain_name(v)
+
+
+def check_plain_name(name: str) -> str:
+    """A study's name is a folder under the storage root and an MLflow experiment."""
+    if not name or name.startswith(".") or any(c in "/\\" or c.isspace() for c in name):
+        raise ValueError(f"{name!r} must be a plain folder name (no slashes, spaces or leading dot)")
+    return name
 
 
 def _one_line(e: ValidationError) -> str:
+    """The first error, as `Model.field: message (got value)`; the model is the one
+    whose constructor refused (Study, Budget, Choice ...)."""
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
+    where = ".".join([e.title, *map(str, err["loc"])])
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
+    got = err.get("input")
+    if isinstance(got, (str, int, float)) and err["type"] != "value_error":
+        msg += f" (got {got!r})"
+    return f"{where}: {msg}"
 
 
 def load_study(path: str | Path) -> Study:
@@ -154,13 +176,15 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"{path}: no such study file")
+    if path.suffix != ".py":
+        raise StudyError(f"{path}: a study file is Python source ending in .py")
     spec = importlib.util.spec_from_file_location(f"_study_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except ValidationError as e:
-        raise StudyError(f"{path}: {_one_line(e)}") from None
-    except Exception as e:  # a study file that fails to import, whatever the reason
+        raise StudyError(f"{path}{_error_line(e, path)}: {_one_line(e)}") from None
+    except (Exception, SystemExit) as e:  # a study file that fails to import, whatever the reason
         line = _error_line(e, path)
         raise StudyError(f"{path}{line}: failed to import: {type(e).__name__}: {e}") from None
     study = getattr(module, "study", None)
