@@ -18,12 +18,13 @@ from rich.console import Console
 
 from orchestrator import preflight
 from orchestrator.planning import Plan, make_plan
+from orchestrator.saved_state import (STATE_FILE, TUNE_FOLDER, check_tune_state, read_state, study_fields,
+                                      study_for_resume)
 from orchestrator.storage import Storage
 from orchestrator.study import Study, StudyError, load_study
+from orchestrator.study_lock import StudyLock
 from orchestrator.tracking import check_tracking, default_tracking_uri, experiment_id, git_commit, log_params
 from orchestrator.trial import TrialContext
-
-STATE_FILE = "study.json"
 
 # Tune reports every Train report (checkpoints too); only evaluation points carry
 # the objective, which is what ASHA and Optuna look at.
@@ -55,11 +56,15 @@ def quiet_ray(log_path: str) -> None:
         logger.setLevel(logging.INFO)
 
 
+RAY_NAMESPACE = "mim-scaling"
+
+
 def start_ray(address: Optional[str], log_path: str) -> None:
     from trainers.ray_session import init_ray
 
     quiet_ray(log_path)
-    init_ray(address, log_to_driver=False, configure_logging=False)
+    # A named namespace: the trials' metric relays are named, detached actors (orchestrator/relay.py)
+    init_ray(address, log_to_driver=False, configure_logging=False, namespace=RAY_NAMESPACE)
 
 
 def choose_profile(study: Study, requested: Optional[str]) -> str:
@@ -100,21 +105,21 @@ def driver_resources() -> dict:
 
 def _tuner(plan: Plan, ctx: TrialContext, storage: Storage, callbacks: list, max_concurrent: int,
            restore: bool):
+    """The study's Tuner, built from the study file on this disk. A resume builds
+    the same Tuner and continues Tune's saved experiment (trials, searcher) in
+    storage: unlike Tuner.restore, it does not unpickle the search algorithm and
+    callbacks that the first execution saved into storage."""
     from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.tune_config import ResumeConfig
 
     from orchestrator.search import CellSearcher, PerCellScheduler
     from orchestrator.trial import RunTrial
 
-    trainable = tune.with_resources(RunTrial(ctx), driver_resources())
     path, fs = storage.ray_storage(ctx.study)
-    if restore:
-        return tune.Tuner.restore(f"{path}/tune", trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
     study = plan.study
-    from ray.tune.schedulers import FIFOScheduler
-
-    return tune.Tuner(
-        trainable,
+    tuner = tune.Tuner(
+        tune.with_resources(RunTrial(ctx), driver_resources()),
         tune_config=tune.TuneConfig(
             search_alg=CellSearcher(plan),
             scheduler=PerCellScheduler(plan) if study.early_stopping else FIFOScheduler(),
@@ -122,17 +127,25 @@ def _tuner(plan: Plan, ctx: TrialContext, storage: Storage, callbacks: list, max
             max_concurrent_trials=max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name="tune", storage_path=path, storage_filesystem=fs, callbacks=callbacks, verbose=0,
+            name=TUNE_FOLDER, storage_path=path, storage_filesystem=fs, callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=2),
+            # Tune's state in storage is what a resume continues from: keep it fresh
+            # (the default uploads it every 5 minutes at most).
+            sync_config=tune.SyncConfig(sync_period=10),
         ),
     )
+    if restore:
+        # Tuner.restore would do this after unpickling tuner.pkl from storage
+        resume = ResumeConfig(unfinished=ResumeConfig.ResumeType.RESUME, errored=ResumeConfig.ResumeType.RESUME)
+        tuner._local_tuner._resume_config = resume
+        tuner._local_tuner._is_restored = True
+    return tuner
 
 
 def _open_tracking(study_name: str, storage: Storage, tracking_uri: Optional[str]):
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri or default_tracking_uri(storage)
-    check_tracking(uri)
+    uri = tracking_uri or default_tracking_uri(storage)  # checked by start before Ray started
     client = MlflowClient(uri)
     artifacts = None
     if uri.startswith("sqlite:") and storage.uri.startswith(("/", ".")) or "://" not in storage.uri:
@@ -173,40 +186,32 @@ def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking
     preflight.check_cluster(plan, storage, address)
     profile = plan.profile
     uri, client, exp_id = _open_tracking(name, storage, tracking_uri)
-    parent = client.create_run(exp_id, run_name=f"{name} ({profile})",
-                               tags={"study": name, "profile": profile, "git_commit": git_commit(),
-                                     "question": study.question})
-    log_params(client, parent.info.run_id, {
-        "study_file": str(study_path), "profile": profile, "cells": len(plan.cells),
-        "trials_per_cell": study.trials_per_cell, "trials": plan.trials,
-        "planned_flops": f"{plan.total_flops:.4g}", "objective": f"{study.objective.metric} ({study.objective.mode})",
-        "tuned": ",".join(study.tune) or "none",
-    })
-    state = {"name": name, "study_path": str(study_path), "study_source": Path(study_path).read_text(),
-             "profile": profile, "storage": storage_uri, "tracking_uri": uri, "experiment_id": exp_id,
-             "parent_run_id": parent.info.run_id, "created": time.time(), "trials": plan.trials,
-             "planned_flops": plan.total_flops, "git_commit": git_commit()}
-    storage.write_json(f"{name}/{STATE_FILE}", state)
-    return _execute(plan, state, storage, client, max_concurrent, console, restore=False, log_path=log_path)
-
-
-def read_state(name: str, storage_uri: str) -> dict:
-    storage = Storage(storage_uri)
-    if not storage.exists(name, STATE_FILE):
-        raise StudyError(f"no study {name!r} in {storage_uri} (looked for {storage.path(name, STATE_FILE)})")
-    return storage.read_json(f"{name}/{STATE_FILE}")
-
-
-def study_from_state(state: dict) -> tuple[Study, str]:
-    """The study as it was when it started (its source is kept in the state)."""
-    folder = tempfile.mkdtemp(prefix="study-")
-    path = os.path.join(folder, Path(state["study_path"]).name)
-    Path(path).write_text(state["study_source"])
-    return load_study(path), path
+    # Two `run` of one name at once: the second stops here, before it writes anything.
+    with StudyLock(storage, name):
+        if storage.exists(name, STATE_FILE):
+            raise StudyError(f"study {name!r} was started meanwhile by another `run`: `resume {name}` "
+                             f"continues it once that one ends")
+        parent = client.create_run(exp_id, run_name=f"{name} ({profile})",
+                                   tags={"study": name, "profile": profile, "git_commit": git_commit(),
+                                         "question": study.question})
+        log_params(client, parent.info.run_id, {
+            "study_file": str(study_path), "profile": profile, "cells": len(plan.cells),
+            "trials_per_cell": study.trials_per_cell, "trials": plan.trials,
+            "planned_flops": f"{plan.total_flops:.4g}",
+            "objective": f"{study.objective.metric} ({study.objective.mode})",
+            "tuned": ",".join(study.tune) or "none",
+        })
+        state = {"name": name, **study_fields(study, study_path), "profile": profile, "storage": storage_uri,
+                 "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.info.run_id,
+                 "created": time.time(), "trials": plan.trials, "planned_flops": plan.total_flops,
+                 "git_commit": git_commit()}
+        storage.write_json(f"{name}/{STATE_FILE}", state)
+        return _execute(plan, state, storage, client, max_concurrent, console, restore=False,
+                        log_path=log_path)
 
 
 def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address: Optional[str],
-           max_concurrent: Optional[int], console: Console) -> dict:
+           max_concurrent: Optional[int], console: Console, study_path: Optional[str] = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     state = read_state(name, storage_uri)
@@ -215,12 +220,14 @@ def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address:
     if tracking_uri:
         state["tracking_uri"] = tracking_uri
     check_tracking(state["tracking_uri"])
-    study, path = study_from_state(state)
-    plan = make_plan(study, state["profile"], state["study_path"])
-    log_path = _log_path(name)
-    start_ray(address, log_path)
-    return _execute(plan, state, storage, MlflowClient(state["tracking_uri"]), max_concurrent, console,
-                    restore=True, log_path=log_path)
+    study, path = study_for_resume(state, study_path)
+    plan = make_plan(study, state["profile"], path)
+    check_tune_state(storage, name)
+    with StudyLock(storage, name):
+        log_path = _log_path(name)
+        start_ray(address, log_path)
+        return _execute(plan, state, storage, MlflowClient(state["tracking_uri"]), max_concurrent, console,
+                        restore=True, log_path=log_path)
 
 
 def _log_path(name: str) -> str:
@@ -245,10 +252,6 @@ def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: 
     console.print(f"[bold]{ctx.study}[/bold] ({ctx.profile}): {len(plan.cells)} cells x "
                   f"{plan.study.trials_per_cell} trials, {limit} at a time; Ray log: {log_path}")
     callbacks = [recorder, progress, PlacementGroupSweeper()]
-    tuner = _tuner(plan, ctx, storage, callbacks, limit, restore)
-    if restore:
-        # callbacks are not part of Tune's saved state: attach this execution's
-        tuner._local_tuner._run_config.callbacks = callbacks
-    tuner.fit()
-    client.set_terminated(ctx.parent_run_id, "FINISHED")
+    _tuner(plan, ctx, storage, callbacks, limit, restore).fit()
+    state["unwritten"] = recorder.close(parent_status="FINISHED")
     return state

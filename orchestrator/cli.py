@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser("resume", help="continue an interrupted study; nothing finished runs again")
     res.add_argument("name")
+    res.add_argument("--study", default=None,
+                     help="the study file it started from (default: the path it was started with); "
+                          "it must be unchanged")
     _common(res)
     res.add_argument("--address", default=None)
     res.add_argument("--max-concurrent", type=_positive_int, default=None)
@@ -138,20 +141,33 @@ def cmd_resume(args, console: Console) -> int:
     from orchestrator import campaign
 
     state = campaign.resume(args.name, storage_uri=args.storage, tracking_uri=args.tracking_uri,
-                            address=args.address, max_concurrent=args.max_concurrent, console=console)
+                            address=args.address, max_concurrent=args.max_concurrent, console=console,
+                            study_path=args.study)
     return _finish(state, args, console)
 
 
 def _finish(state: dict, args, console: Console) -> int:
-    """Fit the curves; exit 1 if any trial failed (its reason is in results.parquet)."""
+    """Fit the curves; exit 1 if any trial failed (its reason is in results.parquet)
+    or the results could not be written; say what MLflow never received."""
     from orchestrator.fitting import fit_study
     from orchestrator.results import ResultsTable
     from orchestrator.storage import Storage
 
+    unwritten = state.get("unwritten", [])
+    for what in unwritten:
+        print(f"warning: not written: {what}", file=sys.stderr)
+    if any(w.startswith("results store") for w in unwritten):
+        print(f"error: results.parquet could not be written to {args.storage}; once storage is back, "
+              f"`resume {state['name']}` writes it", file=sys.stderr)
+        return 1
     fit_study(state, args.storage, console)
     console.print(f"results: {args.storage}/{state['name']}/results.parquet; "
                   f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}")
     rows = ResultsTable(Storage(args.storage), state["name"]).rows.values()
+    lost = sum(r.get("step_metrics_lost") or 0 for r in rows)
+    if lost:
+        print(f"warning: {lost:.0f} batches of step metrics never reached MLflow (the tracking server was "
+              f"away); each trial's count is in results.parquet (step_metrics_lost)", file=sys.stderr)
     failed = sum(r["status"] == "failed" for r in rows)
     if failed:
         print(f"error: {failed} of {len(rows)} trials failed; see their status in results.parquet "
@@ -168,8 +184,8 @@ def cmd_status(args, console: Console) -> int:
 
 
 def cmd_fit(args, console: Console) -> int:
-    from orchestrator.campaign import read_state
     from orchestrator.fitting import fit_study
+    from orchestrator.saved_state import read_state
 
     state = read_state(args.name, args.storage)
     if args.tracking_uri:
