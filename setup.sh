@@ -9,4 +9,5 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q dataset-fashion-mnist
 fi
-python3 -m pip install -q -e ".[test,bench]"
+# The same versions a cluster node installs (infra/constraints.txt), so the tests run what ships.
+python3 -m pip install -q -c infra/constraints.txt -e ".[test,bench]"

@@ -25,7 +25,7 @@ TARGET="${1:-aws}"
 : "${MIM_K8S_NAMESPACE:=mim}"
 
 case "$TARGET" in
-  aws) TEMPLATES=(cluster.yaml iam/study-bucket-access.json iam/head-autoscaler.json
+  aws) TEMPLATES=(cluster.yaml iam/study-bucket-access.json iam/worker-no-infra-writes.json iam/head-autoscaler.json
                   iam/ec2-trust-policy.json iam/bucket-policy.json aws/sg-ingress.json) ;;
   k8s) TEMPLATES=(kuberay/raycluster.yaml iam/study-bucket-access.json
                   iam/irsa-trust-policy.json iam/bucket-policy.json) ;;

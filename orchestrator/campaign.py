@@ -231,9 +231,14 @@ def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address:
 
 
 def _log_path(name: str) -> str:
+    """A new log file that only this user can read: it names buckets, hosts and
+    configurations, and lives in a shared temporary folder."""
     folder = os.path.join(tempfile.gettempdir(), "mim-studies")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"{name}-{int(time.time())}.log")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, f"{name}-{int(time.time())}.log")
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)  # also when it existed already
+    return path
 
 
 def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: Optional[int],

@@ -147,7 +147,6 @@ class TrialRecorder(Callback):
         with self.lock:
             self.table.rows[row["trial_id"]] = row
         self._write_rows()
-        self.tracking_outbox.put(f"end of trial {trial.trial_id}'s run", lambda: self._close_trial_run(row))
         self.relay_outbox.put(f"step metrics of trial {trial.trial_id}", lambda: self._finish_relay(row))
 
     def _write_rows(self) -> None:
@@ -157,16 +156,17 @@ class TrialRecorder(Callback):
         self.tracking_outbox.put("study metrics", lambda: self._study_metrics(rows))
 
     def _finish_relay(self, row: dict) -> None:
-        """The count of step metrics that never reached MLflow goes into the trial's row."""
+        """The count of step metrics that never reached MLflow goes into the trial's
+        row; then the trial's run is closed (after its relay opened it, if it could)."""
         try:
             lost = finish_relay(self.study, row["trial_id"])
+            with self.lock:
+                row["step_metrics_lost"] = float(lost)
+            self._write_rows()
         except Exception as err:  # the relay died: what it held is gone, and how much is unknown
             self.unknown_losses.append(f"MLflow: step metrics of trial {row['trial_id']} (its relay died: "
                                        f"{type(err).__name__}; how many is unknown)")
-            return
-        with self.lock:
-            row["step_metrics_lost"] = float(lost)
-        self._write_rows()
+        self.tracking_outbox.put(f"end of trial {row['trial_id']}'s run", lambda: self._close_trial_run(row))
 
     def _close_trial_run(self, row: dict) -> None:
         runs = self.client.search_runs(

@@ -43,10 +43,14 @@ def read_state(name: str, storage_uri: str) -> dict:
 
 
 def objective_of(state: dict) -> Objective:
+    if "objective" not in state:  # a study.json written before these fields were kept
+        return study_for_resume(state)[0].objective
     return Objective.model_validate(state["objective"])
 
 
 def curves_of(state: dict) -> list[CurveSpec]:
+    if "curves" not in state:
+        return study_for_resume(state)[0].curves
     return [CurveSpec.model_validate(c) for c in state["curves"]]
 
 

@@ -78,6 +78,14 @@ def test_diverged_trial_ends_diverged_and_the_tuned_study_goes_on(tuned):
         assert runs[tid].info.status == ("FAILED" if row["status"] == "diverged" else "FINISHED")
 
 
+def test_the_study_log_is_readable_by_its_owner_only(tuned):
+    import re
+    import stat
+
+    log = Path(re.search(r"Ray log: (\S+?\.log)", tuned.done.stdout.replace("\n", "")).group(1))
+    assert stat.S_IMODE(log.stat().st_mode) & 0o077 == 0
+
+
 def test_searcher_was_told_every_ending_and_heard_only_evaluation_points(tuned):
     states = sorted((tuned.storage / "tuned_faults" / "tune").glob("searcher-state-*.pkl"))
     saved = json.loads(states[-1].read_text())
@@ -334,3 +342,40 @@ def test_s3_stalled_then_refusing_for_30_s_each_mid_study(s3_server, tmp_path):
         state = torch.load(io.BytesIO(direct.get_object(Bucket=bucket, Key=key)["Body"].read()),
                            weights_only=True)
         assert state["progress"]["step"] > 0
+
+
+# ---------------------------------------------------------------- what a killed driver leaves behind
+
+def test_recorder_catches_up_with_what_a_killed_driver_left(ray_local, tmp_path):
+    """After a driver SIGKILL: a trial Tune saw end but whose row was never written
+    gets its row; runs left RUNNING end in their trial's state, or KILLED (status
+    `lost`) for a trial Tune never saved, which the resumed study runs again."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.planning import make_plan
+    from orchestrator.results import TrialRecorder
+    from orchestrator.storage import Storage
+    from orchestrator.study import load_study
+    from orchestrator.tracking import trial_run
+
+    plan = make_plan(load_study(STUDIES / "tiny_grid.py"), "local")
+    train = plan.trial_config("patch_size=8", {"base_lr": 4e-3}, 0).model_dump(mode="json")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("s")
+    parent = client.create_run(exp).info.run_id
+    ended, unsaved = "ended01", "unsaved1"
+    for tid in (ended, unsaved):
+        trial_run(client, exp, parent, tid, tid, {})
+    trial = SimpleNamespace(trial_id=ended, status="TERMINATED",
+                            config={"cell": "patch_size=8", "replicate": 0, "base_lr": 4e-3, "train": train},
+                            last_result={"step": 12, "status": "finished", "eval_loss": 0.5, "flops": 1e9})
+    recorder = TrialRecorder(Storage(str(tmp_path / "storage")), "s", uri, exp, parent)
+    recorder.on_step_begin(iteration=0, trials=[trial])
+    assert recorder.close(parent_status="FINISHED") == []
+    rows = results(tmp_path / "storage", "s")
+    assert rows[ended]["status"] == "finished" and rows[ended]["eval_loss"] == 0.5
+    runs = {r.data.tags["trial_id"]: r for r in client.search_runs([exp]) if "trial_id" in r.data.tags}
+    assert runs[ended].info.status == "FINISHED" and runs[ended].data.tags["status"] == "finished"
+    assert runs[unsaved].info.status == "KILLED" and runs[unsaved].data.tags["status"] == "lost"
+    assert client.get_run(parent).info.status == "FINISHED"

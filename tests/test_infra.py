@@ -205,7 +205,7 @@ def test_ray_bootstrap_and_node_launch_against_mock_aws(fake_aws, tmp_path):
     trust = (out / "iam" / "ec2-trust-policy.json").read_text()
     for role, policies in {
         "mim-ray-head": ["study-bucket-access", "head-autoscaler"],
-        "mim-ray-worker": ["study-bucket-access"],
+        "mim-ray-worker": ["study-bucket-access", "worker-no-infra-writes"],
     }.items():
         iam.create_role(RoleName=role, AssumeRolePolicyDocument=trust)
         for policy in policies:
@@ -409,11 +409,61 @@ def test_iam_reaches_only_the_study_bucket():
             if st["Effect"] == "Allow":
                 assert "*" not in actions and "s3:*" not in actions, path.name
             if any(a.startswith("s3:") for a in actions):
-                assert set(_as_list(st["Resource"])) <= bucket_arns, (path.name, st)
+                resources = set(_as_list(st["Resource"]))
+                if st["Effect"] == "Deny":  # a deny may narrow to a part of the bucket
+                    assert all(r.split("/")[0] == "arn:aws:s3:::__STUDY_BUCKET__" for r in resources), (path.name, st)
+                else:
+                    assert resources <= bucket_arns, (path.name, st)
 
     access = _statements(INFRA / "iam" / "study-bucket-access.json")
     assert {r for st in access for r in _as_list(st["Resource"])} == bucket_arns
     assert all(a.startswith("s3:") for st in access for a in _as_list(st["Action"]))
+
+
+def test_node_setup_pins_every_package_it_installs():
+    """What a node installs is what the tests ran with: the project's whole
+    dependency closure pinned in infra/constraints.txt, used by every install."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (INFRA / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    todo, seen = [("mim-scaling", ())], set()
+    while todo:
+        name, extras = todo.pop()
+        key = (canonicalize_name(name), tuple(sorted(extras)))
+        if key in seen:
+            continue
+        seen.add(key)
+        dist = distribution(name)
+        if key[0] != "mim-scaling":
+            assert pins.get(key[0]) == dist.version, f"{name} {dist.version} is not pinned as tested"
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                todo.append((req.name, tuple(req.extras)))
+    setup = "\n".join(str(c) for c in load_cluster()["setup_commands"])
+    assert "-c ~/mim.new/infra/constraints.txt" in setup
+    assert "uv tool install awscli==" in setup and "MIM_UV_VERSION=0." in setup
+    assert "-c /home/ray/mim/infra/constraints.txt" in (INFRA / "kuberay" / "Dockerfile").read_text()
+
+
+def test_workers_cannot_write_what_every_node_installs_or_the_mlflow_backup():
+    config = load_cluster()
+    deny = _statements(INFRA / "iam" / "worker-no-infra-writes.json")
+    assert [st["Effect"] for st in deny] == ["Deny"]
+    assert {"s3:PutObject", "s3:DeleteObject"} <= set(deny[0]["Action"])
+    assert deny[0]["Resource"] == "arn:aws:s3:::__STUDY_BUCKET__/_infra/*"
+    env = "\n".join(str(c) for c in config["setup_commands"])
+    for var in ("MIM_RELEASE_URI", "MLFLOW_DB_BACKUP_URI", "MLFLOW_ARTIFACTS_DESTINATION"):
+        assert f"export {var}=s3://__STUDY_BUCKET__/_infra/" in env, var  # all under the denied prefix
+    readme = (INFRA / "README.md").read_text()
+    assert "--role-name mim-ray-worker --policy-name no-infra-writes" in readme
 
 
 def test_head_policy_matches_the_cluster():
