@@ -24,7 +24,7 @@ from trainers.config import TrainConfig
 
 RESULTS_FILE = "results.parquet"
 FINAL_METRICS = ("loss", "first_loss", "flops", "images_per_s", "probe_top1", "knn_top1", "eval_loss",
-                 "step_metrics_lost")
+                 "resumed_from_step", "step_metrics_lost")
 STATUSES = ("finished", "stopped_early", "diverged", "failed")
 _MLFLOW_END = {"finished": "FINISHED", "stopped_early": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 

@@ -379,3 +379,54 @@ def test_recorder_catches_up_with_what_a_killed_driver_left(ray_local, tmp_path)
     assert runs[ended].info.status == "FINISHED" and runs[ended].data.tags["status"] == "finished"
     assert runs[unsaved].info.status == "KILLED" and runs[unsaved].data.tags["status"] == "lost"
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------- a spot node goes away
+
+def test_worker_node_killed_mid_study_its_trials_continue_elsewhere_from_s3(s3_server):
+    """A head (trial drivers only, as infra/cluster.yaml's) and two 1-CPU worker
+    nodes; once a checkpoint is in the bucket, one worker node is killed (its
+    raylet and workers SIGKILLed) and a fresh one joins: the interrupted trials
+    resume from their checkpoints in S3 on the nodes left, none fails."""
+    import io
+
+    import boto3
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "resources": {"head_driver": 8}, "include_dashboard": True})
+    doomed = cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    direct = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    prefix = "node-loss/tiny_grid"
+
+    def keys(part: str) -> list[str]:
+        pages = direct.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", []) if part in o["Key"]]
+
+    try:
+        address = f"127.0.0.1:{cluster.address.rsplit(':', 1)[1]}"
+        study = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(STUDIES / "tiny_grid.py"),
+                                  "--address", address, "--storage", s3_server.uri("node-loss"),
+                                  "--tracking-uri", "sqlite:////tmp/mim-node-loss-mlflow.db"],
+                                 cwd=REPO, env={**os.environ, **s3_server.env}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not keys("/state.pt") and time.time() < deadline and study.poll() is None:
+            time.sleep(0.5)
+        assert keys("/state.pt"), "no checkpoint reached the bucket"
+        cluster.remove_node(doomed, allow_graceful=False)
+        cluster.add_node(num_cpus=1)
+        out, err = study.communicate(timeout=900)
+    finally:
+        if study.poll() is None:
+            study.kill()
+        cluster.shutdown()
+        for path in Path("/tmp").glob("mim-node-loss-mlflow.db*"):
+            path.unlink()
+    assert study.returncode == 0, out[-3000:] + err[-3000:]
+    rows = pq.read_table(io.BytesIO(direct.get_object(
+        Bucket=s3_server.bucket, Key=f"{prefix}/results.parquet")["Body"].read())).to_pylist()
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"finished", "stopped_early"}
+    assert any((r["resumed_from_step"] or 0) > 0 for r in rows), "no trial resumed from a checkpoint"
