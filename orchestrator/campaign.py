@@ -10,7 +10,6 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
