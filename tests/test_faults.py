@@ -385,24 +385,28 @@ def test_recorder_catches_up_with_what_a_killed_driver_left(ray_local, tmp_path)
 
 @pytest.mark.skipif(os.environ.get("MIM_NODE_LOSS_TEST") != "1",
                     reason="hung once in a fresh-clone run (two Train controllers waiting for workers after the "
-                           "node loss); run by hand with MIM_NODE_LOSS_TEST=1 until that is understood")
-def test_worker_node_killed_mid_study_its_trials_continue_elsewhere_from_s3(s3_server):
+                           "node loss, placement groups left holding the CPUs); run by hand with "
+                           "MIM_NODE_LOSS_TEST=1 until the fix for that is seen to hold in the whole suite")
+def test_worker_node_killed_mid_study_its_trials_continue_elsewhere_from_s3(s3_server, monkeypatch):
     """A head (trial drivers only, as infra/cluster.yaml's) and two 1-CPU worker
-    nodes; once a checkpoint is in the bucket, one worker node is killed (its
-    raylet and workers SIGKILLed) and a fresh one joins: the interrupted trials
-    resume from their checkpoints in S3 on the nodes left, none fails."""
+    nodes, one trial training on each; once both have a checkpoint in the bucket,
+    one worker node is killed (its raylet and workers SIGKILLed) and a fresh one
+    joins: the interrupted trial resumes from its checkpoint in S3, none fails."""
     import io
 
     import boto3
     from ray.cluster_utils import Cluster
 
+    # This process's own Ray (ray_local) announces its dashboard in the environment;
+    # the cluster's processes must not inherit it, or they ask the wrong state API.
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "resources": {"head_driver": 8}, "include_dashboard": True})
     doomed = cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     direct = boto3.client("s3", endpoint_url=s3_server.endpoint)
-    prefix = "node-loss/tiny_grid"
+    prefix = "node-loss/node_loss"
 
     def keys(part: str) -> list[str]:
         pages = direct.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
@@ -410,15 +414,19 @@ def test_worker_node_killed_mid_study_its_trials_continue_elsewhere_from_s3(s3_s
 
     try:
         address = f"127.0.0.1:{cluster.address.rsplit(':', 1)[1]}"
-        study = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(STUDIES / "tiny_grid.py"),
+        study = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(STUDIES / "node_loss.py"),
                                   "--address", address, "--storage", s3_server.uri("node-loss"),
                                   "--tracking-uri", "sqlite:////tmp/mim-node-loss-mlflow.db"],
                                  cwd=REPO, env={**os.environ, **s3_server.env}, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
+        def trials_with_checkpoints() -> set[str]:
+            return {k.split("/trials/")[1].split("/")[0] for k in keys("/state.pt")}
+
+        # both trials (one per worker node) have a checkpoint: the doomed node's has one to resume from
         deadline = time.time() + 300
-        while not keys("/state.pt") and time.time() < deadline and study.poll() is None:
+        while len(trials_with_checkpoints()) < 2 and time.time() < deadline and study.poll() is None:
             time.sleep(0.5)
-        assert keys("/state.pt"), "no checkpoint reached the bucket"
+        assert len(trials_with_checkpoints()) == 2, "the two trials did not both checkpoint"
         cluster.remove_node(doomed, allow_graceful=False)
         cluster.add_node(num_cpus=1)
         out, err = study.communicate(timeout=900)
@@ -431,5 +439,5 @@ def test_worker_node_killed_mid_study_its_trials_continue_elsewhere_from_s3(s3_s
     assert study.returncode == 0, out[-3000:] + err[-3000:]
     rows = pq.read_table(io.BytesIO(direct.get_object(
         Bucket=s3_server.bucket, Key=f"{prefix}/results.parquet")["Body"].read())).to_pylist()
-    assert len(rows) == 6 and {r["status"] for r in rows} <= {"finished", "stopped_early"}
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"finished"}
     assert any((r["resumed_from_step"] or 0) > 0 for r in rows), "no trial resumed from a checkpoint"

@@ -40,4 +40,11 @@ def init_ray(address: Optional[str] = None, **kwargs) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     else:
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, **kwargs)
+        # The joined cluster's own dashboard: one inherited from another Ray
+        # (a parent process that started its own) would point the state API,
+        # and so the placement-group sweeper, at the wrong cluster.
+        if context.dashboard_url:
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
+        else:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
