@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.flops import linear, train_flops_per_image  # noqa: E402
 from trainers.models import build_model  # noqa: E402
-from trainers.models.masking import kept_patches  # noqa: E402
+from trainers.mask_counts import kept_patches  # noqa: E402
 from trainers.optim import build_optimizer, build_schedule  # noqa: E402
 from trainers.step import TrainStep  # noqa: E402
 
@@ -95,7 +95,7 @@ def hf_train_flops_per_image(cfg: TrainConfig) -> float:
     """Our analytic count for the same architecture; HF's decoder also predicts the
     pixels of the cls and visible tokens, one extra (L + 1 - n_masked) x d x p^2 C
     linear, which is added here."""
-    extra = linear(kept_patches(cfg.grid, cfg.mask_ratio, 1) + 1, cfg.decoder_embed_dim,
+    extra = linear(kept_patches(cfg.grid, cfg.mask_ratio) + 1, cfg.decoder_embed_dim,
                    cfg.patch_size ** 2 * cfg.in_chans)
     return train_flops_per_image(cfg) + 3 * extra
 

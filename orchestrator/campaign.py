@@ -195,7 +195,7 @@ def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking
                                          "question": study.question})
         log_params(client, parent.info.run_id, {
             "study_file": str(study_path), "profile": profile, "cells": len(plan.cells),
-            "trials_per_cell": study.trials_per_cell, "trials": plan.trials,
+            "trials_per_cell": study.trials_per_cell, "replicates": study.replicates, "trials": plan.trials,
             "planned_flops": f"{plan.total_flops:.4g}",
             "objective": f"{study.objective.metric} ({study.objective.mode})",
             "tuned": ",".join(study.tune) or "none",
@@ -254,7 +254,7 @@ def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: 
     progress = StudyProgress(plan, ctx.study, console, done=done)
     limit = concurrency(plan, max_concurrent)
     console.print(f"[bold]{ctx.study}[/bold] ({ctx.profile}): {len(plan.cells)} cells x "
-                  f"{plan.study.trials_per_cell} trials, {limit} at a time; Ray log: {log_path}")
+                  f"{plan.study.trials_in_cell} trials, {limit} at a time; Ray log: {log_path}")
     callbacks = [recorder, progress, PlacementGroupSweeper()]
     _tuner(plan, ctx, storage, callbacks, limit, restore).fit()
     state["unwritten"] = recorder.close(parent_status="FINISHED")

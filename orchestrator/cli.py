@@ -96,10 +96,16 @@ def _flops(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _cell_trials(s) -> str:
+    if s.replicates:
+        return f"({s.trials_per_cell} tuning + {s.replicates} seed{'s' * (s.replicates > 1)} of the best) trials"
+    return f"{s.trials_per_cell} trials"
+
+
 def print_plan(plan: Plan, cost: CostModel, console: Console, cluster: Optional[Plan]) -> None:
     s = plan.study
     console.print(f"[bold]{s.name}[/bold]: {s.question}")
-    console.print(f"profile {plan.profile}: {len(plan.cells)} cells x {s.trials_per_cell} trials = "
+    console.print(f"profile {plan.profile}: {len(plan.cells)} cells x {_cell_trials(s)} = "
                   f"{plan.trials} trials; tuned: {', '.join(s.tune) or 'nothing'}; "
                   f"objective {s.objective.metric} ({s.objective.mode})")
     table = Table()

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from orchestrator.curves import fit_study_curves, log_curves_to_mlflow, write_curve_outputs
 from orchestrator.results import RESULTS_FILE
-from orchestrator.saved_state import curves_of
+from orchestrator.saved_state import curves_of, objective_of
 from orchestrator.storage import Storage
 from orchestrator.study import StudyError
 
@@ -27,7 +27,8 @@ def fit_study(state: dict, storage_uri: str, console: Console, bootstrap: int = 
     if not storage.exists(name, RESULTS_FILE):
         raise StudyError(f"study {name!r} has no {RESULTS_FILE} yet in {storage_uri}: no trial has ended")
     table = storage.read_table(f"{name}/{RESULTS_FILE}")
-    curves = fit_study_curves(table, specs, bootstrap=bootstrap, seed=0)
+    objective = objective_of(state)
+    curves = fit_study_curves(table, specs, (objective.metric, objective.mode), bootstrap=bootstrap, seed=0)
     written = write_curve_outputs(curves, storage.path(name, "curves"), filesystem=storage.fs)
     log_curves_to_mlflow(curves, MlflowClient(state["tracking_uri"]), state["parent_run_id"])
     for curve in curves.values():
@@ -39,7 +40,8 @@ def fit_study(state: dict, storage_uri: str, console: Console, bootstrap: int = 
 
 def _print_curve(curve, console: Console) -> None:
     spec = curve.spec
-    console.print(f"[bold]{spec.name}[/bold]: {spec.y} vs {spec.x}" + (f" by {spec.group_by}" if spec.group_by else "")
+    console.print(f"[bold]{spec.name}[/bold]: {spec.y} vs {spec.x}"
+                  + (f" by {', '.join(spec.group_columns)}" if spec.group_by else "")
                   + (f", law {spec.law}" if spec.law else ""))
     if curve.error:
         console.print(f"  {curve.error}")

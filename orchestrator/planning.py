@@ -52,11 +52,11 @@ class Plan:
 
     @property
     def trials(self) -> int:
-        return len(self.cells) * self.study.trials_per_cell
+        return len(self.cells) * self.study.trials_in_cell
 
     @property
     def total_flops(self) -> float:
-        return sum(c.flops_per_trial for c in self.cells) * self.study.trials_per_cell
+        return sum(c.flops_per_trial for c in self.cells) * self.study.trials_in_cell
 
     def cell(self, cell_id: str) -> Cell:
         return next(c for c in self.cells if c.id == cell_id)
@@ -64,6 +64,18 @@ class Plan:
     def trial_config(self, cell_id: str, params: dict[str, Any], replicate: int) -> TrainConfig:
         """Replicates of a cell differ in their seed."""
         return trial_config(self.study, self.profile, self.cell(cell_id).values, params, seed=replicate)
+
+
+# What a Tune trial's config holds besides the tuned parameters (see CellSearcher):
+# its cell, its index there (its seed offset), its role ("tune": a tuning trial;
+# "seed": a seed of the cell's best configuration, or of the cell when nothing is
+# tuned), the tuning trial a seed repeats, and the whole TrainConfig.
+TRIAL_KEYS = ("cell", "replicate", "role", "seed_of", "train")
+
+
+def tuned_params(config: dict) -> dict[str, Any]:
+    """The tuned parameters of a Tune trial's config, named tuned.<name>."""
+    return {f"tuned.{k}": v for k, v in config.items() if k not in TRIAL_KEYS}
 
 
 def cell_id(values: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from orchestrator.outbox import Outbox
+from orchestrator.planning import tuned_params
 from orchestrator.relay import finish_relay
 
 from orchestrator.storage import Storage
@@ -43,9 +44,9 @@ def result_row(trial_id: str, config: dict, last_result: Optional[dict], status:
     """One row: the trial's identity, its whole resolved config, final metrics, status."""
     last = last_result or {}
     cfg = TrainConfig.model_validate(config["train"])
-    tuned = {f"tuned.{k}": v for k, v in config.items() if k not in ("cell", "replicate", "train")}
     row = {"trial_id": trial_id, "cell": config["cell"], "replicate": config["replicate"],
-           "status": status, **tuned, **_flat(cfg.resolved()),
+           "role": config.get("role", "tune"), "seed_of": config.get("seed_of"),
+           "status": status, **tuned_params(config), **_flat(cfg.resolved()),
            "steps_done": int(last.get("step", 0)), "reason": last.get("reason", "")}
     for k in FINAL_METRICS:
         row[k] = float(last[k]) if k in last else None

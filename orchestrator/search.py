@@ -56,13 +56,20 @@ def _objective(result: Optional[dict], metric: str) -> Optional[float]:
 
 
 class CellSearcher(Searcher):
-    """Suggests {"cell": id, "replicate": k, **tuned, "train": the trial's TrainConfig}
-    with exact per-cell quotas, asking and telling one Optuna study per cell.
+    """Suggests {"cell", "replicate", "role", "seed_of", **tuned, "train"} (see
+    planning.TRIAL_KEYS) with exact per-cell quotas, asking and telling one Optuna
+    study per cell.
 
-    Optuna is told how each trial ended: a trial that trained to its budget is
+    A cell first gets `trials_per_cell` tuning trials (role "tune"). Once all of
+    them have ended, it gets `replicates` seeds of its best finished one (role
+    "seed", with that trial's parameters and other seeds): those are the cell's
+    point on a curve, so no scheduler stops them. A study that tunes nothing
+    runs `trials_per_cell` seeds of each cell from the start.
+
+    Optuna is told how each tuning trial ended: one that trained to its budget is
     COMPLETE with its final objective; one a scheduler stopped early, or that
     diverged, is PRUNED (a divergence reports NaN at its step first, which
-    Optuna's TPE ranks below every trial that reached that step); a trial that
+    Optuna's TPE ranks below every trial that reached that step); one that
     errored is FAIL. Reports without the objective are not the searcher's business.
     Its state is saved as JSON: restoring it runs no code from storage.
     """
@@ -72,8 +79,9 @@ class CellSearcher(Searcher):
         super().__init__(metric=study.objective.metric, mode=study.objective.mode)
         self._plan = plan
         self._quota = study.trials_per_cell
+        self._replicates = study.replicates
         self._cells = [c.id for c in plan.cells]
-        self._issued = {c: 0 for c in self._cells}
+        self._issued = {c: 0 for c in self._cells}  # trials of each cell, tuning and seeds
         self._cost = {c.id: c.flops_per_trial for c in plan.cells}
         self._trial_cell: dict[str, str] = {}
         self._trial_number: dict[str, int] = {}  # Tune trial id -> Optuna trial number in its cell
@@ -85,23 +93,52 @@ class CellSearcher(Searcher):
         } if self._space else {}
 
     def suggest(self, trial_id: str) -> Optional[dict]:
-        open_cells = [c for c in self._cells if self._issued[c] < self._quota]
-        if not open_cells:
-            return Searcher.FINISHED
-        # Fewest issued first: cells fill evenly, so a stopped study has a balanced
-        # grid. Within a round the costliest cell first: the trials started last are
-        # short ones, not a long one left running alone on an idle cluster.
-        cell = min(open_cells, key=lambda c: (self._issued[c], -self._cost[c]))
-        params = {}
-        if self._optuna:
+        tuning = [c for c in self._cells if self._issued[c] < self._quota]
+        if tuning:
+            # Fewest issued first: cells fill evenly, so a stopped study has a balanced
+            # grid. Within a round the costliest cell first: the trials started last are
+            # short ones, not a long one left running alone on an idle cluster.
+            cell = min(tuning, key=lambda c: (self._issued[c], -self._cost[c]))
+            if not self._optuna:
+                return self._issue(trial_id, cell, "seed", {})
             trial = self._optuna[cell].ask(self._space)
             self._trial_number[trial_id] = trial.number
-            params = trial.params
+            return self._issue(trial_id, cell, "tune", trial.params)
+        seeding = [c for c in self._cells if self._issued[c] < self._quota + self._replicates]
+        if not seeding:
+            return Searcher.FINISHED
+        for cell in sorted(seeding, key=lambda c: (self._issued[c], -self._cost[c])):
+            if not self._tuning_ended(cell):
+                continue
+            best = self._best_trial_id(cell)
+            if best is None:  # no tuning trial finished: there is no configuration to repeat
+                self._issued[cell] = self._quota + self._replicates
+                return self.suggest(trial_id)
+            params = self._optuna[cell].trials[self._trial_number[best]].params
+            return self._issue(trial_id, cell, "seed", params, seed_of=best)
+        return None  # seeds wait for their cell's tuning to end; Tune asks again
+
+    def _issue(self, trial_id: str, cell: str, role: str, params: dict, seed_of: Optional[str] = None) -> dict:
         replicate = self._issued[cell]
         self._issued[cell] += 1
         self._trial_cell[trial_id] = cell
         train = self._plan.trial_config(cell, params, replicate)
-        return {"cell": cell, "replicate": replicate, **params, "train": train.model_dump(mode="json")}
+        return {"cell": cell, "replicate": replicate, "role": role, "seed_of": seed_of, **params,
+                "train": train.model_dump(mode="json")}
+
+    def _tuning_ended(self, cell: str) -> bool:
+        trials = self._optuna[cell].trials
+        return len(trials) == self._quota and all(t.state != TrialState.RUNNING for t in trials)
+
+    def _best_trial_id(self, cell: str) -> Optional[str]:
+        """The Tune id of the cell's best tuning trial that trained to its budget."""
+        trials = self._optuna[cell].trials
+        done = {tid: trials[n].value for tid, n in self._trial_number.items()
+                if self._trial_cell[tid] == cell and trials[n].state == TrialState.COMPLETE}
+        if not done:
+            return None
+        pick = max if self.mode == "max" else min
+        return pick(done, key=done.get)
 
     def _running(self, trial_id: str) -> Optional[tuple[optuna.Study, int]]:
         """The cell's Optuna study and the trial's number, while Optuna waits for its end."""
@@ -177,7 +214,8 @@ def _trial_from_json(d: dict) -> optuna.trial.FrozenTrial:
 
 
 class PerCellScheduler(FIFOScheduler):
-    """Routes each trial to its cell's ASHA; trials start in submission order."""
+    """Routes each tuning trial to its cell's ASHA; seeds (role "seed") are curve
+    points and run to their budget, unseen by ASHA. Trials start in submission order."""
 
     def __init__(self, plan: Plan):
         super().__init__()
@@ -191,20 +229,27 @@ class PerCellScheduler(FIFOScheduler):
             for c in plan.cells
         }
 
-    def _for(self, trial) -> AsyncHyperBandScheduler:
+    def _for(self, trial) -> Optional[AsyncHyperBandScheduler]:
+        if trial.config.get("role", "tune") != "tune":
+            return None
         return self._asha[trial.config["cell"]]
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        self._for(trial).on_trial_add(tune_controller, trial)
+        if asha := self._for(trial):
+            asha.on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self._for(trial).on_trial_result(tune_controller, trial, result)
+        asha = self._for(trial)
+        return asha.on_trial_result(tune_controller, trial, result) if asha else self.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        self._for(trial).on_trial_complete(tune_controller, trial, result)
+        if asha := self._for(trial):
+            asha.on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self._for(trial).on_trial_remove(tune_controller, trial)
+        if asha := self._for(trial):
+            asha.on_trial_remove(tune_controller, trial)
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        self._for(trial).on_trial_error(tune_controller, trial)
+        if asha := self._for(trial):
+            asha.on_trial_error(tune_controller, trial)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.curves import CurveSpec
+from orchestrator.curves import CurveSpec, x_is_searched
 from trainers.config import TrainConfig
 
 PROFILES = ("local", "cluster")
@@ -131,9 +131,14 @@ class Study(BaseModel):
     profiles: dict[Literal["local", "cluster"], Profile]
     tune: dict[str, Param] = Field(default_factory=dict)  # tuned by Optuna inside each cell
     sampler: Literal["tpe", "random"] = "tpe"
-    trials_per_cell: int = 1
+    trials_per_cell: int = 1  # tuning trials of a cell (seeds of it, when nothing is tuned)
+    # Seeds of each cell's best tuned configuration, run once the cell's tuning has
+    # ended and never stopped early: with that best trial they are the cell's point
+    # on a curve and its spread. None: 2 when something is tuned, else 0 (a study
+    # that tunes nothing runs trials_per_cell seeds of each cell already).
+    replicates: Optional[int] = None
     objective: Objective
-    evaluations: int = 2  # evaluation points per trial, where ASHA may stop it
+    evaluations: int = 2  # evaluation points per trial, where ASHA may stop a tuning trial
     early_stopping: bool = True
     # cell values -> extra TrainConfig fields (e.g. a mask unit that follows the patch size)
     derive: Optional[Callable[[dict], dict]] = None
@@ -150,6 +155,27 @@ class Study(BaseModel):
     @classmethod
     def _name(cls, v):
         return check_plain_name(v)
+
+    @model_validator(mode="after")
+    def _points_are_sound(self):
+        if self.replicates is None:
+            self.replicates = 2 if self.tune else 0
+        if self.replicates < 0:
+            raise ValueError(f"replicates must be at least 0 (got {self.replicates})")
+        if self.replicates and not self.tune:
+            raise ValueError("replicates: nothing is tuned, so each cell's trials_per_cell trials are "
+                             "its seeds already; set trials_per_cell instead")
+        for spec in self.curves:
+            if self.early_stopping and x_is_searched(spec, self.tune):
+                raise ValueError(f"curves: {spec.name}'s x {spec.x!r} is searched by tune, so every trial "
+                                 f"is a point of it, and early stopping would drop the worse ones from the "
+                                 f"fit; set early_stopping=False")
+        return self
+
+    @property
+    def trials_in_cell(self) -> int:
+        """Tuning trials and the seeds of the best one."""
+        return self.trials_per_cell + self.replicates
 
 
 def check_plain_name(name: str) -> str:

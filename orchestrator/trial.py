@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrator.planning import tuned_params
 from orchestrator.relay import TrialRun, start_relay
 from orchestrator.storage import Storage
 from trainers.config import TrainConfig
@@ -34,11 +35,11 @@ class TrialContext:
 
 def trial_tags(ctx: TrialContext, config: dict) -> dict:
     return {"study": ctx.study, "profile": ctx.profile, "cell": config["cell"],
-            "replicate": config["replicate"], "git_commit": ctx.git_commit}
+            "replicate": config["replicate"], "role": config.get("role", "tune"), "git_commit": ctx.git_commit}
 
 
 class RunTrial:
-    """The Tune trainable: config = {"cell", "replicate", tuned params..., "train": TrainConfig dict}."""
+    """The Tune trainable: config: see planning.TRIAL_KEYS, and the tuned parameters."""
 
     def __init__(self, ctx: TrialContext):
         self.ctx = ctx
@@ -47,7 +48,7 @@ class RunTrial:
         ctx = self.ctx
         trial_id = tune.get_context().get_trial_id()
         cfg = TrainConfig.model_validate(config["train"])
-        tuned = {f"tuned.{k}": v for k, v in config.items() if k not in ("cell", "replicate", "train")}
+        tuned = tuned_params(config)
         run = TrialRun(ctx.experiment_id, ctx.parent_run_id, trial_id, f"{config['cell']} #{config['replicate']}",
                        trial_tags(ctx, config), {**cfg.resolved(), **tuned})
         path, fs = Storage(ctx.storage_uri).ray_storage(ctx.study, "trials")

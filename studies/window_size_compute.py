@@ -1,23 +1,29 @@
 """How does LoMaR's window size trade quality against compute, against MAE?
 (Chen et al. 2022: 7x7 windows best, 5x5 drops sharply, 14x14 costs about 2x
 for no gain; LoMaR's cost grows with the number of windows, not with the
-resolution.) When window sizes are compared, the number of windows is set so
-that every setting sees about as many visible patches. Each setting trains for
-several step budgets; the objective is read against the training FLOPs spent,
-with the compute-efficient frontier across settings."""
+resolution.) Every window size sees exactly the visible patches of the paper's
+setting, 4 windows of 7x7 with int(0.8 * 49) = 39 masked: 40 per image, which
+5x5 (8 windows) and 14x14 (1 window) match exactly and 9x9 or 11x11 cannot.
+Each setting trains for several step budgets; the objective is read against the
+training FLOPs spent, one curve per variant and resolution (LoMaR's two
+resolutions cost nearly the same), with the compute-efficient frontier across
+them. The held-out reconstruction loss is fitted beside the probe."""
 from orchestrator.curves import CurveSpec
 from orchestrator.study import Budget, Objective, Profile, Study
+from trainers.mask_counts import window_masked
 
-# visible patches per image every LoMaR setting sees (20% of its windows' patches)
-VISIBLE_PER_IMAGE = {"local": 40, "cluster": 160}
+VISIBLE_PER_IMAGE = 4 * (49 - window_masked(7, 0.8))  # the paper's 4 windows of 7x7
 
 
 def equal_visible_patches(cell: dict) -> dict:
     if cell["model"] != "lomar":
         return {}
     w = cell["window_size"]
-    budget = VISIBLE_PER_IMAGE["cluster" if cell["img_size"] >= 224 else "local"]
-    return {"windows": max(1, round(budget / ((1 - 0.8) * w * w)))}
+    visible = w * w - window_masked(w, 0.8)
+    if VISIBLE_PER_IMAGE % visible:
+        raise ValueError(f"window {w}x{w} shows {visible} patches: no number of windows shows exactly "
+                         f"{VISIBLE_PER_IMAGE}")
+    return {"windows": VISIBLE_PER_IMAGE // visible}
 
 
 study = Study(
@@ -26,20 +32,21 @@ study = Study(
     profiles={
         "local": Profile(
             description="tiny models on Fashion-MNIST at 28 and 42 px, patch 2 (14x14 and 21x21 grids)",
-            axes={"model": ["lomar"], "window_size": [5, 7, 9, 14], "img_size": [28, 42], "steps": [30, 90]},
-            include=[{"model": "mae", "img_size": r, "steps": s} for r in (28, 42) for s in (30, 90)],
+            axes={"model": ["lomar"], "window_size": [5, 7, 14], "img_size": [28, 42], "steps": [20, 45, 90]},
+            include=[{"model": "mae", "img_size": r, "steps": s} for r in (28, 42) for s in (20, 45, 90)],
             fixed={"preset": "tiny", "dataset": "fashion_mnist", "patch_size": 2,
                    "batch_size": 32, "base_lr": 6e-3, "probe_train_size": 800, "probe_eval_size": 400},
             budget=Budget(steps=80),
         ),
         "cluster": Profile(
             description="ViT-B sizes at 224 and 448 px, patch 16; 12.5k-50k steps of 4096 images",
-            axes={"model": ["lomar"], "window_size": [5, 7, 9, 11, 14], "img_size": [224, 448],
+            axes={"model": ["lomar"], "window_size": [5, 7, 14], "img_size": [224, 448],
                   "steps": [12_500, 25_000, 50_000]},
             include=[{"model": "mae", "img_size": r, "steps": s} for r in (224, 448)
                      for s in (12_500, 25_000, 50_000)],
             fixed={"preset": "vit_base", "dataset": "parquet",
-                   "data_path": "s3://REPLACE-study-bucket/imagenet-parquet", "patch_size": 16, "in_chans": 3, "batch_size": 4096, "use_gpu": True, "workers": 8,
+                   "data_path": "s3://REPLACE-study-bucket/imagenet-parquet", "patch_size": 16, "in_chans": 3,
+                   "batch_size": 4096, "use_gpu": True, "workers": 8,
                    "probe_train_size": 50000, "probe_eval_size": 10000, "checkpoint_every_minutes": 30},
             budget=Budget(steps=25_000),
         ),
@@ -50,7 +57,9 @@ study = Study(
     evaluations=1,
     early_stopping=False,
     curves=[
-        CurveSpec(name="probe_error_vs_flops", x="flops", y="probe_top1", group_by="variant",
+        CurveSpec(name="probe_error_vs_flops", x="flops", y="probe_top1", group_by=("variant", "img_size"),
                   law="power", higher_is_better=True, log_x=True, frontier=True),
+        CurveSpec(name="heldout_loss_vs_flops", x="flops", y="eval_loss", group_by=("variant", "img_size"),
+                  law="power", log_x=True),
     ],
 )

@@ -26,6 +26,9 @@ SPECS = [
 ]
 
 
+OBJECTIVE = ("probe_top1", "max")
+
+
 def _trials() -> pd.DataFrame:
     """A small finished study: repeated trials per x, one group too small to fit, one failed trial."""
     rng = np.random.default_rng(0)
@@ -57,7 +60,7 @@ def trials() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def results(trials):
-    return fit_study_curves(trials, SPECS, bootstrap=200, seed=0)
+    return fit_study_curves(trials, SPECS, OBJECTIVE, bootstrap=200, seed=0)
 
 
 def test_groups_use_every_finished_trial_and_summarise_repeats(results, trials):
@@ -108,11 +111,11 @@ def test_quadratic_vertex_and_frontier(results):
 
 def test_pyarrow_input_and_a_missing_column(trials):
     specs = [SPECS[0], CurveSpec(name="broken", x="seq_len", y="not_a_metric", law="power")]
-    out = fit_study_curves(pa.Table.from_pandas(trials), specs, bootstrap=50)
+    out = fit_study_curves(pa.Table.from_pandas(trials), specs, OBJECTIVE, bootstrap=50)
     assert out["broken"].error == "columns not in the table: not_a_metric"
     assert out["probe_vs_seq_len"].groups["vit_l_standin"].fit is not None
     with pytest.raises(ValueError, match="status"):
-        fit_study_curves(trials.drop(columns="status"), specs, bootstrap=10)
+        fit_study_curves(trials.drop(columns="status"), specs, OBJECTIVE, bootstrap=10)
 
 
 def test_curve_spec_validation():
@@ -218,7 +221,7 @@ def test_figure_keeps_the_points_readable_when_intervals_are_wild():
         "status": "finished"})
     spec = CurveSpec(name="probe_error_vs_mask_ratio", x="mask_ratio", y="probe_top1",
                      group_by="mask_unit", law="quadratic", higher_is_better=True)
-    curve = fit_study_curves(table, [spec], bootstrap=200)[spec.name]
+    curve = fit_study_curves(table, [spec], OBJECTIVE, bootstrap=200)[spec.name]
     ax = plot_curve(curve).axes[0]
     lo, hi = table.probe_top1.min(), table.probe_top1.max()
     low, high = ax.get_ylim()

@@ -63,10 +63,15 @@ def test_diverged_trial_ends_diverged_and_the_tuned_study_goes_on(tuned):
     by_lr = {}
     for row in tuned.rows.values():
         by_lr.setdefault(row["lr"], []).append(row)
-    assert sorted(by_lr) == [4e-3, 1e6] and all(len(rows) == 2 for rows in by_lr.values())
+    tuning = {lr: [r for r in rows if r["role"] == "tune"] for lr, rows in by_lr.items()}
+    assert sorted(by_lr) == [4e-3, 1e6] and all(len(rows) == 2 for rows in tuning.values())
     assert all(r["status"] == "diverged" and r["reason"].startswith("diverged: loss") for r in by_lr[1e6])
-    assert all(r["status"] in ("finished", "stopped_early") for r in by_lr[4e-3])
-    assert any(r["status"] == "finished" and r["eval_loss"] is not None for r in by_lr[4e-3])
+    assert all(r["status"] in ("finished", "stopped_early") for r in tuning[4e-3])
+    assert any(r["status"] == "finished" and r["eval_loss"] is not None for r in tuning[4e-3])
+    # the healthy cell gets a seed of its best finished trial; the diverged one has none to repeat
+    (seed,) = [r for r in by_lr[4e-3] if r["role"] == "seed"]
+    assert seed["status"] == "finished" and tuned.rows[seed["seed_of"]]["status"] == "finished"
+    assert len(by_lr[1e6]) == 2
 
     from mlflow.tracking import MlflowClient
 
@@ -90,8 +95,8 @@ def test_searcher_was_told_every_ending_and_heard_only_evaluation_points(tuned):
     states = sorted((tuned.storage / "tuned_faults" / "tune").glob("searcher-state-*.pkl"))
     saved = json.loads(states[-1].read_text())
     rows = tuned.rows
-    for tid, cell in saved["trial_cell"].items():
-        trial = saved["optuna"][cell][saved["trial_number"][tid]]
+    for tid, number in saved["trial_number"].items():  # the tuning trials (seeds are not Optuna's)
+        trial = saved["optuna"][saved["trial_cell"][tid]][number]
         expected = {"finished": "COMPLETE", "stopped_early": "PRUNED", "diverged": "PRUNED"}[rows[tid]["status"]]
         assert trial["state"] == expected
         evaluation_points = {6, 12}  # checkpoints every 2 steps are not reported to Optuna
@@ -267,7 +272,7 @@ def test_mlflow_server_stopped_for_60_s_mid_study(tmp_path):
         out, err = study.communicate(timeout=900)
         assert study.returncode == 0, out[-3000:] + err[-3000:]
         rows = results(storage, "tiny_grid")
-        assert len(rows) == 6 and {r["status"] for r in rows.values()} <= {"finished", "stopped_early"}
+        assert len(rows) == 9 and {r["status"] for r in rows.values()} <= {"finished", "stopped_early"}
         exp = client.get_experiment_by_name("tiny_grid")
         runs = client.search_runs([exp.experiment_id])
         assert len(runs) == 7 and all(r.info.status == "FINISHED" for r in runs), \

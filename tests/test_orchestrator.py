@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,7 +90,7 @@ def test_plan_needs_no_ray():
             "assert 'ray' not in sys.modules, 'plan imported ray'")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "GPU-hours" in done.stdout and "12 trials" in done.stdout
+    assert "GPU-hours" in done.stdout and "18 trials" in done.stdout
 
 
 def test_shipped_studies_plan_for_both_profiles():
@@ -106,20 +105,46 @@ def test_shipped_studies_plan_for_both_profiles():
 def test_grid_coverage_is_exact_with_everything_in_flight():
     plan = _plan()
     searcher = CellSearcher(plan)
-    configs = [searcher.suggest(f"t{i}") for i in range(plan.trials)]  # none completed yet
-    assert searcher.suggest("extra") == Searcher.FINISHED
-    per_cell = {c.id: sorted(cfg["replicate"] for cfg in configs if cfg["cell"] == c.id) for c in plan.cells}
+    tuning = [searcher.suggest(f"t{i}") for i in range(2 * len(plan.cells))]  # none completed yet
+    assert searcher.suggest("waiting") is None  # seeds wait for their cell's tuning to end
+    per_cell = {c.id: sorted(cfg["replicate"] for cfg in tuning if cfg["cell"] == c.id) for c in plan.cells}
     assert all(reps == [0, 1] for reps in per_cell.values())
-    for cfg in configs:
+    for cfg in tuning:
+        assert cfg["role"] == "tune" and cfg["seed_of"] is None
         assert 1e-3 <= cfg["base_lr"] <= 1e-2  # Optuna's suggestion
         assert cfg["train"]["base_lr"] == cfg["base_lr"]  # reaches the trial's config
         assert cfg["train"]["seed"] == cfg["replicate"]  # replicates differ in their seed
 
 
+def test_a_cell_gets_seeds_of_its_best_finished_trial_once_its_tuning_ended():
+    plan = _plan()
+    searcher = CellSearcher(plan)
+    tuning = {f"t{i}": searcher.suggest(f"t{i}") for i in range(2 * len(plan.cells))}
+    a, b, c = (cell.id for cell in plan.cells)
+    ids = {cell: [tid for tid, cfg in tuning.items() if cfg["cell"] == cell] for cell in (a, b, c)}
+    # cell a: the better trial was stopped early by ASHA, so the finished one is repeated
+    searcher.on_trial_complete(ids[a][0], {"eval_loss": 0.1, "step": 6, "status": "running"})
+    searcher.on_trial_complete(ids[a][1], {"eval_loss": 0.5, "step": 12, "status": "finished"})
+    # cell b: one of its tuning trials is still running
+    searcher.on_trial_complete(ids[b][0], {"eval_loss": 0.3, "step": 12, "status": "finished"})
+    # cell c: nothing finished (diverged, errored): no configuration to repeat
+    searcher.on_trial_complete(ids[c][0], {"loss": float("nan"), "step": 3, "status": "diverged"})
+    searcher.on_trial_complete(ids[c][1], {"step": 4}, error=True)
+    seed = searcher.suggest("s-a")
+    assert (seed["cell"], seed["role"], seed["seed_of"]) == (a, "seed", ids[a][1])
+    assert seed["base_lr"] == tuning[ids[a][1]]["base_lr"] == seed["train"]["base_lr"]
+    assert seed["replicate"] == 2 and seed["train"]["seed"] == 2  # a seed no tuning trial used
+    assert searcher.suggest("waiting") is None  # b still tunes; c gets no seed
+    searcher.on_trial_complete(ids[b][1], {"eval_loss": 0.2, "step": 12, "status": "finished"})
+    seed_b = searcher.suggest("s-b")
+    assert (seed_b["cell"], seed_b["seed_of"]) == (b, ids[b][1])  # the lower eval_loss
+    assert searcher.suggest("extra") == Searcher.FINISHED
+
+
 def test_costliest_cells_start_first_in_each_round():
     plan = make_plan(load_study(REPO / "studies" / "seq_len_scaling.py"), "local")
     searcher = CellSearcher(plan)
-    order = [searcher.suggest(f"t{i}")["cell"] for i in range(plan.trials)]
+    order = [searcher.suggest(f"t{i}")["cell"] for i in range(len(plan.cells) * plan.study.trials_per_cell)]
     cost = {c.id: c.flops_per_trial for c in plan.cells}
     rounds = [order[:len(cost)], order[len(cost):]]
     assert all(sorted(r) == sorted(cost) for r in rounds)  # every cell once per round
@@ -139,10 +164,16 @@ def test_optuna_history_survives_save_and_restore(tmp_path):
     restored.restore(str(tmp_path / "searcher.pkl"))
     history = [t for c in plan.cells for t in restored.optuna_trials(c.id)]
     assert sorted(t.value for t in history) == [1.0, 2.0, 3.0]
-    rest = [restored.suggest(f"u{i}") for i in range(plan.trials - 3)]
+    rest = [restored.suggest(f"u{i}") for i in range(2 * len(plan.cells) - 3)]
+    for i, cfg in enumerate(rest):
+        restored.on_trial_complete(f"u{i}", {"eval_loss": 5.0 + i, "step": 12, "status": "finished"})
+    seeds = [restored.suggest(f"s{i}") for i in range(len(plan.cells))]
     assert restored.suggest("extra") == Searcher.FINISHED
     cells = [cfg["cell"] for cfg in first + rest]
     assert all(cells.count(c.id) == 2 for c in plan.cells)
+    # the seeds repeat the best of each cell, the restored trials among them
+    best = {cfg["cell"]: f"t{i}" for i, cfg in enumerate(first)}
+    assert {s["cell"]: s["seed_of"] for s in seeds if s["cell"] in best} == best
 
 
 def test_searcher_hears_each_ending_and_ignores_reports_without_the_objective():
@@ -174,8 +205,8 @@ def test_searcher_hears_each_ending_and_ignores_reports_without_the_objective():
     assert again.value == 0.4 and again.intermediate_values == {6: 0.5}
 
 
-def _trial(tid, cell):
-    return SimpleNamespace(trial_id=tid, config={"cell": cell})
+def _trial(tid, cell, role="tune"):
+    return SimpleNamespace(trial_id=tid, config={"cell": cell, "role": role})
 
 
 def test_asha_stops_within_a_cell_only():
@@ -193,6 +224,10 @@ def test_asha_stops_within_a_cell_only():
     assert sched.on_trial_result(None, t3, {"step": grace, "eval_loss": 5.0}) == TrialScheduler.CONTINUE
     # reports without the objective (checkpoint-only) never stop a trial
     assert sched.on_trial_result(None, t3, {"step": grace + 1}) == TrialScheduler.CONTINUE
+    # a seed of the best configuration is a curve point: never stopped, however bad
+    seed = _trial("4", a.id, role="seed")
+    sched.on_trial_add(None, seed)
+    assert sched.on_trial_result(None, seed, {"step": grace, "eval_loss": 9.0}) == TrialScheduler.CONTINUE
 
 
 # ---------------------------------------------------------------- a whole study, interrupted and resumed
@@ -234,12 +269,20 @@ def test_resume_completes_the_grid_without_rerunning(resumed_study):
     plan = _plan()
     assert len(rows) == plan.trials
     for cell in plan.cells:
-        assert sorted(r["replicate"] for r in rows if r["cell"] == cell.id) == [0, 1]
+        assert sorted(r["replicate"] for r in rows if r["cell"] == cell.id) == [0, 1, 2]
     before = {r["trial_id"]: r for r in resumed_study.before}
     after = {r["trial_id"]: r for r in rows}
     for tid, row in before.items():  # finished trials were not run again
         assert after[tid]["flops"] == row["flops"] and after[tid]["eval_loss"] == row["eval_loss"]
     assert {r["status"] for r in rows} <= {"finished", "stopped_early"}
+    by_id = {r["trial_id"]: r for r in rows}
+    for cell in plan.cells:  # each cell's seed repeats its best finished tuning trial, to the end
+        tuning = [r for r in rows if r["cell"] == cell.id and r["role"] == "tune"]
+        (seed,) = [r for r in rows if r["cell"] == cell.id and r["role"] == "seed"]
+        best = min((r for r in tuning if r["status"] == "finished"), key=lambda r: r["eval_loss"])
+        assert seed["seed_of"] == best["trial_id"] and seed["status"] == "finished"
+        assert seed["tuned.base_lr"] == best["tuned.base_lr"] and seed["seed"] not in {r["seed"] for r in tuning}
+        assert by_id[seed["seed_of"]]["cell"] == cell.id
     for r in rows:
         assert r["flops"] > 0 and r["steps_done"] > 0
         if r["status"] == "finished":
@@ -268,7 +311,7 @@ def test_mlflow_holds_parent_and_nested_trial_runs(resumed_study):
         assert "final_flops" in run.data.metrics
         history = client.get_metric_history(run.info.run_id, "loss")
         assert len(history) >= 2 and all(h.step > 0 for h in history)
-    assert parent.data.metrics["trials_finished"] + parent.data.metrics.get("trials_stopped_early", 0) == 6
+    assert parent.data.metrics["trials_finished"] + parent.data.metrics.get("trials_stopped_early", 0) == 9
     assert any(k.startswith("curve.eval_loss_vs_seq_len") for k in parent.data.metrics)
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "curves")]
     assert "curves/eval_loss_vs_seq_len.png" in artifacts
@@ -279,5 +322,12 @@ def test_curves_land_in_storage(resumed_study):
     assert (curves / "eval_loss_vs_seq_len.json").exists()
     assert (curves / "eval_loss_vs_seq_len.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pq.read_table(curves / "points.parquet").num_rows > 0
+    # a point is a cell's best tuned trial and its seed, never a stopped-early or other tuning trial
+    rows = _results(resumed_study.storage)
+    curve = json.loads((curves / "eval_loss_vs_seq_len.json").read_text())
+    named = sorted(p["trial_id"] for g in curve["groups"].values() for p in g["points"])
+    seeds = [r for r in rows if r["role"] == "seed"]
+    assert named == sorted([r["trial_id"] for r in seeds] + [r["seed_of"] for r in seeds])
+    assert "best tuned configuration" in curve["points_are"]
     # checkpoints of every trial live under <study>/trials/
     assert len(list((resumed_study.storage / "tiny_grid" / "trials").iterdir())) == _plan().trials

@@ -544,6 +544,13 @@ def train_loader(cfg: TrainConfig, rank: int, world_size: int,
 
 # --------------------------------------------------------------------------- evaluation
 
+def load_probe_sets(cfg: TrainConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The probes' train and test subsets, picked by cfg.probe_seed (not the run's
+    seed): every trial of a study, its seeds included, is probed on the same images."""
+    return [load_eval_arrays(cfg, split, n, cfg.probe_seed)
+            for split, n in (("train", cfg.probe_train_size), ("test", cfg.probe_eval_size))]
+
+
 def load_eval_arrays(cfg: TrainConfig, split: str, n: int,
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed subset of `split` ready for the model: (float (n, in_chans, S, S), int64 (n,)).

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from trainers.config import TrainConfig
-from trainers.data import load_eval_arrays, train_loader
+from trainers.data import load_probe_sets, train_loader
 from trainers.evaluation import evaluate
 from trainers.flops import train_step_flops
 from trainers.models import build_model
@@ -181,8 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     lead = rank == 0
     probe_sets = None
     if lead:
-        probe_sets = [tuple(t.to(device) for t in load_eval_arrays(cfg, split, n, cfg.seed))
-                      for split, n in (("train", cfg.probe_train_size), ("test", cfg.probe_eval_size))]
+        probe_sets = [tuple(t.to(device) for t in pair) for pair in load_probe_sets(cfg)]
     log = StepLog(loop_config.get("step_sink") if lead else None,
                   echo=bool(loop_config.get("echo")) and lead, total_steps=cfg.steps)
     stream = iter(train_loader(cfg, rank, world, start_step=progress.step))

@@ -13,6 +13,7 @@ from .holdout import HoldoutCheck, holdout_check
 from .laws import LAW_NAMES
 from .mlflow_log import log_curves_to_mlflow
 from .outputs import points_table, write_curve_outputs
+from .points import x_is_searched
 from .study_curves import CurveSpec, GroupCurve, StudyCurve, fit_study_curves
 from .turning import TurningPoint, find_turning_point
 
@@ -20,5 +21,5 @@ __all__ = [
     "CurveFitError", "CurveSpec", "Diagnostics", "FitResult", "Frontier", "FrontierPoint",
     "GroupCurve", "HoldoutCheck", "LAW_NAMES", "StudyCurve", "TurningPoint", "compute_frontier",
     "find_turning_point", "fit_curve", "fit_study_curves", "holdout_check", "log_curves_to_mlflow",
-    "plot_curve", "points_table", "write_curve_outputs",
+    "plot_curve", "points_table", "write_curve_outputs", "x_is_searched",
 ]

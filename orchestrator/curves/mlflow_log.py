@@ -99,7 +99,7 @@ def log_curves_to_mlflow(results: Mapping[str, StudyCurve] | Iterable[StudyCurve
         x = spec.x if isinstance(spec.x, str) else ",".join(spec.x)
         params += [Param(_key("curve", name, "law"), spec.law or "none"), Param(_key("curve", name, "x"), x),
                    Param(_key("curve", name, "y"), spec.y),
-                   Param(_key("curve", name, "group_by"), spec.group_by or "none")]
+                   Param(_key("curve", name, "group_by"), ",".join(spec.group_columns) or "none")]
         groups = list(curve.groups.values()) + ([curve.frontier_fit] if curve.frontier_fit else [])
         for g in groups:
             metrics += [Metric(key, value, now, step) for key, value, step in _group_metrics(_key("curve", name), g)]

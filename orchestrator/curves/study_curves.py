@@ -13,6 +13,7 @@ from .fit import FitResult, fit_curve, json_number
 from .frontier import Frontier, compute_frontier
 from .holdout import HoldoutCheck, holdout_check
 from .laws import POWER_LAWS
+from .points import point_trials, tuned_names
 from .turning import TurningPoint, find_turning_point
 
 LawName = Literal["power", "saturating_power", "chinchilla", "quadratic"]
@@ -35,7 +36,8 @@ class CurveSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used as a file and metric name
     x: Union[str, tuple[str, str]]
     y: str
-    group_by: Optional[str] = None
+    # a column, or several: one curve per combination (e.g. variant and resolution)
+    group_by: Union[str, tuple[str, ...], None] = None
     law: Optional[LawName] = None  # None: points (and frontier) only
     higher_is_better: bool = False
     log_x: Optional[bool] = None  # None is resolved from the law before validation
@@ -63,6 +65,12 @@ class CurveSpec(BaseModel):
     def x_columns(self) -> list[str]:
         return [self.x] if isinstance(self.x, str) else list(self.x)
 
+    @property
+    def group_columns(self) -> list[str]:
+        if self.group_by is None:
+            return []
+        return [self.group_by] if isinstance(self.group_by, str) else list(self.group_by)
+
 
 @dataclass
 class GroupCurve:
@@ -71,6 +79,7 @@ class GroupCurve:
     x: np.ndarray  # (n,) or (n, 2): one row per trial
     y: np.ndarray
     summary: pd.DataFrame  # per distinct x: x (x2), n, mean, std, min, max of y
+    trial_ids: list[str] = field(default_factory=list)  # the trial of each (x, y), where known
     fit: FitResult | None = None
     error: str | None = None  # why the law was refused, if it was
     turning_point: TurningPoint | None = None
@@ -103,7 +112,11 @@ class GroupCurve:
     def to_dict(self) -> dict[str, Any]:
         rows = [{k: int(v) if k == "n" else json_number(v) for k, v in row.items()}
                 for row in self.summary.to_dict("records")]
-        return {"group": self.group, "n_trials": len(self.y), "summary": rows,
+        x = self.x.reshape(len(self.y), -1)
+        points = [{"x": json_number(xi[0]), **({"x2": json_number(xi[1])} if len(xi) > 1 else {}),
+                   "y": json_number(yi), "trial_id": tid}
+                  for xi, yi, tid in zip(x, self.y, self.trial_ids or [None] * len(self.y))]
+        return {"group": self.group, "n_trials": len(self.y), "points": points, "summary": rows,
                 "fit": self.fit.to_dict() if self.fit else None, "error": self.error,
                 "turning_point": self.turning_point.to_dict() if self.turning_point else None,
                 "notes": self.notes}
@@ -116,9 +129,11 @@ class StudyCurve:
     frontier: Frontier | None = None
     frontier_fit: GroupCurve | None = None  # the law fitted to the trials on the frontier
     error: str | None = None  # why nothing could be done for this curve
+    point_rule: str = ""  # which trials make the points (see points.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {"curve": self.spec.name, "spec": self.spec.model_dump(mode="json"), "error": self.error,
+                "points_are": self.point_rule,
                 "groups": {name: g.to_dict() for name, g in self.groups.items()},
                 "frontier": self.frontier.to_dict() if self.frontier else None,
                 "frontier_fit": self.frontier_fit.to_dict() if self.frontier_fit else None}
@@ -132,9 +147,9 @@ def _summarise(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
 
 
 def _fit_group(spec: CurveSpec, group: str, x: np.ndarray, y: np.ndarray, *, bootstrap: int,
-               seed: int, level: float, turning: bool) -> GroupCurve:
+               seed: int, level: float, turning: bool, trial_ids: Optional[list[str]] = None) -> GroupCurve:
     """Fit, holdout check and turning point for one group; refusals become text."""
-    curve = GroupCurve(group=group, x=x, y=y, summary=_summarise(x, y))
+    curve = GroupCurve(group=group, x=x, y=y, summary=_summarise(x, y), trial_ids=list(trial_ids or []))
     if spec.law is None:
         return curve
     opts = dict(bootstrap=bootstrap, seed=seed, level=level,
@@ -157,30 +172,48 @@ def _fit_group(spec: CurveSpec, group: str, x: np.ndarray, y: np.ndarray, *, boo
     return curve
 
 
-def _group_key(value: Any) -> tuple:
+def _one_key(value: Any) -> tuple:
     """Numbers sort numerically (window 4 before 16), everything else by text."""
     return (0, float(value), "") if isinstance(value, (int, float, np.number)) else (1, 0.0, str(value))
 
 
-def _fit_one(spec: CurveSpec, frame: pd.DataFrame, *, bootstrap: int, seed: int,
-             level: float) -> StudyCurve:
+def _group_key(value: Any) -> tuple:
+    return tuple(map(_one_key, value)) if isinstance(value, tuple) else (_one_key(value),)
+
+
+def _group_label(spec: CurveSpec, value: Any) -> str:
+    """One column: its value ("vit_base"); several: text values bare, numbers named
+    ("lomar w7, img_size=28")."""
+    if not isinstance(value, tuple):
+        return str(value)
+    return ", ".join(v if isinstance(v, str) else f"{col}={v:g}" if isinstance(v, float) else f"{col}={v}"
+                     for col, v in zip(spec.group_columns, value))
+
+
+def _fit_one(spec: CurveSpec, frame: pd.DataFrame, objective: tuple[str, str], *, bootstrap: int,
+             seed: int, level: float) -> StudyCurve:
     result = StudyCurve(spec=spec)
-    needed = spec.x_columns + [spec.y] + ([spec.group_by] if spec.group_by else [])
-    missing = [c for c in needed if c not in frame.columns]
+    needed = spec.x_columns + [spec.y] + spec.group_columns
+    # the objective picks a cell's best configuration, where anything was tuned
+    missing = [c for c in needed + [objective[0]] * bool(tuned_names(frame)) if c not in frame.columns]
     if missing:
         result.error = f"columns not in the table: {', '.join(missing)}"
         return result
+    frame, result.point_rule = point_trials(frame, spec, *objective)
     frame = frame.dropna(subset=needed)
     if frame.empty:
         result.error = "no finished trials with these columns"
         return result
     turning = spec.law in POWER_LAWS and isinstance(spec.x, str)
-    parts = (frame.groupby(spec.group_by, sort=False) if spec.group_by else [(NO_GROUP, frame)])
+    by = spec.group_columns[0] if isinstance(spec.group_by, str) else spec.group_columns
+    parts = frame.groupby(by, sort=False) if spec.group_by else [(NO_GROUP, frame)]
     for value, part in sorted(parts, key=lambda item: _group_key(item[0])):
         x = part[spec.x_columns].to_numpy(float)
-        result.groups[str(value)] = _fit_group(
-            spec, str(value), x[:, 0] if isinstance(spec.x, str) else x, part[spec.y].to_numpy(float),
-            bootstrap=bootstrap, seed=seed, level=level, turning=turning)
+        label = _group_label(spec, value)
+        result.groups[label] = _fit_group(
+            spec, label, x[:, 0] if isinstance(spec.x, str) else x, part[spec.y].to_numpy(float),
+            bootstrap=bootstrap, seed=seed, level=level, turning=turning,
+            trial_ids=part["trial_id"].astype(str).tolist() if "trial_id" in part else None)
     if spec.frontier:
         _add_frontier(result, bootstrap=bootstrap, seed=seed, level=level)
     return result
@@ -202,14 +235,16 @@ def _add_frontier(result: StudyCurve, *, bootstrap: int, seed: int, level: float
                                      level=level, turning=False)
 
 
-def fit_study_curves(table, specs: list[CurveSpec], *, bootstrap: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, StudyCurve]:
-    """Fit every spec to the finished trials of `table` (pandas DataFrame or pyarrow Table).
+def fit_study_curves(table, specs: list[CurveSpec], objective: tuple[str, str], *, bootstrap: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, StudyCurve]:
+    """Fit every spec to the points of `table` (pandas DataFrame or pyarrow Table).
 
-    One row per trial; only rows whose `status` is "finished" are used.
-    Repeated trials at the same x are all fitted; per-x mean and spread are
-    in each group's `summary`. A refused fit is recorded as text in its
-    group and never stops the other groups or curves.
+    One row per trial. `objective` (metric, "min" or "max") is the study's: it
+    picks each cell's best configuration, whose trials make the cell's points
+    (see points.py; only trials that trained to their budget). Repeated trials
+    at the same x are all fitted; per-x mean and spread are in each group's
+    `summary`, and each point names its trial. A refused fit is recorded as
+    text in its group and never stops the other groups or curves.
     """
     frame = table if isinstance(table, pd.DataFrame) else table.to_pandas()
     if "status" not in frame.columns:
@@ -217,6 +252,5 @@ def fit_study_curves(table, specs: list[CurveSpec], *, bootstrap: int = 1000, se
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"curve names must be unique: {names}")
-    finished = frame[frame["status"] == "finished"]
-    return {spec.name: _fit_one(spec, finished, bootstrap=bootstrap, seed=seed, level=level)
+    return {spec.name: _fit_one(spec, frame, objective, bootstrap=bootstrap, seed=seed, level=level)
             for spec in specs}

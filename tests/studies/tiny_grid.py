@@ -16,6 +16,7 @@ study = Study(
     },
     tune={"base_lr": LogUniform(low=1e-3, high=1e-2)},
     trials_per_cell=2,
+    replicates=1,  # a seed of each cell's best learning rate, run once its tuning ended
     objective=Objective(metric="eval_loss", mode="min"),
     evaluations=2,
     curves=[CurveSpec(name="eval_loss_vs_seq_len", x="seq_len", y="eval_loss", law="power")],

@@ -17,6 +17,7 @@ study = Study(
     },
     tune={"weight_decay": Uniform(low=0.01, high=0.1)},
     trials_per_cell=2,
+    replicates=1,  # the diverging cell has no finished trial to repeat: it gets none
     objective=Objective(metric="eval_loss", mode="min"),
     evaluations=2,
     curves=[CurveSpec(name="eval_loss_vs_lr", x="lr", y="eval_loss")],

@@ -1,8 +1,10 @@
 """Random masking of the patch grid, with mask units of k x k adjacent patches.
 
 Long-sequence MAE (Hu et al. 2022) decouples the mask unit from the patch: with
-k > 1 whole k x k blocks of patches, aligned to the patch grid, are masked or kept
-together; k = 1 is plain MAE.
+k > 1 k x k blocks of patches, aligned to the patch grid, are masked or kept
+together; k = 1 is plain MAE. As in its reference code the number kept counts
+patches, int(L * (1 - ratio)), so the unit drawn last may be kept in part and
+the ratio run is the one asked for (within 1/L), whatever the unit.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from trainers.mask_counts import kept_patches
 
 
 @dataclass
@@ -34,12 +38,6 @@ class Masking:
         return torch.gather(shuffled, 1, self.ids_restore)
 
 
-def kept_patches(grid: int, mask_ratio: float, unit: int) -> int:
-    """Patches left visible: whole units are kept, so the count is units x k^2."""
-    units = (grid // unit) ** 2
-    return int(units * (1 - mask_ratio)) * unit * unit
-
-
 def unit_of_patch(grid: int, unit: int, device=None) -> torch.Tensor:
     """(L,) index of the mask unit each patch (in row-major grid order) belongs to."""
     rows = torch.arange(grid, device=device) // unit
@@ -54,8 +52,8 @@ def random_masking(batch: int, grid: int, mask_ratio: float, unit: int = 1,
     noise = torch.rand(batch, units, generator=generator, device=generator.device if generator else device)
     noise = noise.to(device)
     # All patches of a unit get the unit's noise; a stable sort keeps each unit's
-    # patches together, so the first n_keep ids are exactly the kept units.
+    # patches together, so the first n_keep ids are whole units but the last.
     patch_noise = noise[:, unit_of_patch(grid, unit, device=noise.device)]
     ids_shuffle = torch.argsort(patch_noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return Masking(ids_shuffle, ids_restore, kept_patches(grid, mask_ratio, unit))
+    return Masking(ids_shuffle, ids_restore, kept_patches(grid, mask_ratio))
