@@ -5,30 +5,8 @@ import torch
 from trainers.config import TrainConfig
 from trainers.models import build_model
 from trainers.models.lomar import sample_windows, tiling_corners
-from trainers.models.masking import kept_patches, random_masking
+from trainers.models.masking import random_masking
 from trainers.models.pixels import patchify, unpatchify
-
-
-@pytest.mark.parametrize("grid,ratio,unit", [(16, 0.75, 1), (16, 0.75, 2), (8, 0.6, 4), (14, 0.75, 7)])
-def test_mask_units_aligned_and_keep_count_exact(grid, ratio, unit):
-    m = random_masking(6, grid, ratio, unit, torch.Generator().manual_seed(0))
-    mask = m.mask.view(6, grid, grid)
-    assert m.n_keep == kept_patches(grid, ratio, unit)
-    assert (mask == 0).sum(dim=(1, 2)).eq(m.n_keep).all()
-    if unit * unit * 4 <= grid * grid and ((grid // unit) ** 2 * (1 - ratio)).is_integer():
-        assert m.n_keep == int(grid * grid * (1 - ratio))
-    # every aligned unit block is all masked or all visible
-    blocks = mask.view(6, grid // unit, unit, grid // unit, unit).permute(0, 1, 3, 2, 4).flatten(3)
-    assert ((blocks.min(-1).values == blocks.max(-1).values)).all()
-
-
-def test_ids_restore_inverts_shuffle():
-    m = random_masking(4, 8, 0.75, 1, torch.Generator().manual_seed(1))
-    ar = torch.arange(64).expand(4, -1)
-    assert torch.equal(torch.gather(m.ids_shuffle, 1, m.ids_restore), ar)
-    # kept ids are exactly the positions marked visible
-    for b in range(4):
-        assert set(m.ids_keep[b].tolist()) == set((m.mask[b] == 0).nonzero().flatten().tolist())
 
 
 def test_patchify_roundtrip():

@@ -9,6 +9,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from trainers.mask_counts import effective_mask_ratio, kept_patches, window_masked
+
 
 class ModelSize(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -97,6 +99,9 @@ class TrainConfig(BaseModel):
     probe_train_size: int = 2000
     probe_eval_size: int = 1000
     knn_k: int = 20
+    # which images the probes use: a study's trials share it (replicates differ in
+    # `seed` only), so the trials of a cell are compared on the same images
+    probe_seed: int = 0
     eval_mask_seed: int = 1234
     log_every_steps: int = 10
 
@@ -137,6 +142,13 @@ class TrainConfig(BaseModel):
         return self.grid ** 2
 
     @property
+    def visible_patches(self) -> int:
+        """Patches per image the encoder sees unmasked: all windows' for LoMaR."""
+        if self.model == "lomar":
+            return self.windows * (self.window_size ** 2 - window_masked(self.window_size, self.mask_ratio))
+        return kept_patches(self.grid, self.mask_ratio)
+
+    @property
     def worker_batch(self) -> int:
         """Images one worker feeds through the model per micro-step."""
         return self.batch_size // (self.workers * self.accum_steps)
@@ -153,6 +165,9 @@ class TrainConfig(BaseModel):
         out = self.model_dump(mode="json")
         out["seq_len"] = self.seq_len
         out["variant"] = self.variant
+        out["effective_mask_ratio"] = effective_mask_ratio(self.model, self.grid, self.window_size,
+                                                           self.mask_ratio)
+        out["visible_patches"] = self.visible_patches
         return out
 
 
@@ -191,6 +206,10 @@ def _check(c: TrainConfig) -> None:
     if c.batch_size % (c.workers * c.accum_steps):
         bad("batch_size", f"{c.batch_size} is not divisible by workers x accum_steps "
                           f"= {c.workers * c.accum_steps}")
-    n_keep = int(c.seq_len * (1 - c.mask_ratio)) if c.model == "mae" else 0
-    if c.model == "mae" and n_keep < 1:
-        bad("mask_ratio", f"{c.mask_ratio} leaves no visible patch of {c.seq_len}")
+    if c.model == "mae" and kept_patches(c.grid, c.mask_ratio) < 1:
+        bad("mask_ratio", f"{c.mask_ratio} leaves the encoder no visible patch of {c.seq_len}")
+    if c.model == "lomar":
+        masked = window_masked(c.window_size, c.mask_ratio)
+        if not 0 < masked < c.window_size ** 2:
+            bad("mask_ratio", f"{c.mask_ratio} masks {masked} of the {c.window_size ** 2} patches of a "
+                              f"{c.window_size}x{c.window_size} window: none would be {'visible' if masked else 'masked'}")

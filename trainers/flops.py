@@ -12,7 +12,7 @@ compute of a run must come from here, never from 6 * params * tokens.
 from __future__ import annotations
 
 from trainers.config import TrainConfig
-from trainers.models.masking import kept_patches
+from trainers.mask_counts import kept_patches
 
 
 def block_forward(tokens: int, dim: int, mlp_ratio: float) -> float:
@@ -28,7 +28,7 @@ def linear(tokens: int, d_in: int, d_out: int) -> float:
 def _mae_forward(c: TrainConfig) -> tuple[float, float]:
     """(forward FLOPs per image, of which the patch projection)."""
     L, pix = c.seq_len, c.patch_size ** 2 * c.in_chans
-    n_keep = kept_patches(c.grid, c.mask_ratio, c.mask_unit)
+    n_keep = kept_patches(c.grid, c.mask_ratio)
     enc_tokens, dec_tokens = n_keep + 1, L + 1
     embed = linear(L, pix, c.embed_dim)
     f = embed + c.depth * block_forward(enc_tokens, c.embed_dim, c.mlp_ratio)
