@@ -36,3 +36,10 @@ def test_encoder_sees_only_visible_tokens():
     lo = train_flops_per_image(TrainConfig(preset="vit_base", img_size=224, patch_size=16, mask_ratio=0.5))
     hi = train_flops_per_image(TrainConfig(preset="vit_base", img_size=224, patch_size=16, mask_ratio=0.9))
     assert hi < 0.7 * lo
+
+
+def test_lomar_flops_count_the_irpe_table_the_model_has():
+    """flops.py repeats the iRPE bucket count to stay free of torch: keep them equal."""
+    from trainers import flops
+    from trainers.models.blocks import IRPE_BUCKETS
+    assert flops.IRPE_BUCKETS == IRPE_BUCKETS

@@ -1,10 +1,13 @@
 """Masking, losses and the model variants."""
+import math
+
 import pytest
 import torch
 
 from trainers.config import TrainConfig
 from trainers.models import build_model
-from trainers.models.lomar import sample_windows, tiling_corners
+from trainers.models.blocks import IRPEAttention, irpe_buckets
+from trainers.models.lomar import sample_windows
 from trainers.models.masking import random_masking
 from trainers.models.pixels import patchify, unpatchify
 
@@ -95,8 +98,32 @@ def test_mff_weights_are_learned():
     assert torch.isclose(after.sum(), torch.tensor(1.0))
 
 
-def test_mff_default_layers_follow_the_paper():
-    assert TrainConfig(preset="vit_base", mff=True).mff_layers == (0, 2, 4, 6, 8, 11)
+@pytest.mark.parametrize("depth,layers", [
+    (12, (0, 2, 4, 6, 8, 11)), (24, tuple(range(0, 22, 2)) + (23,)), (6, (0, 2, 5)), (4, (0, 3)),
+])
+def test_mff_default_layers_follow_the_reference(depth, layers):
+    """mmpretrain's MFF configs fuse out_indices=[0, 2, 4, 6, 8, 11] of ViT-B's 12
+    blocks: every other block from the first, and the last; other depths alike."""
+    assert TrainConfig(preset="vit_base", depth=depth, mff=True).mff_layers == layers
+
+
+def test_mff_probes_read_the_plain_encoder():
+    """Fusion feeds the decoder only: features() are the last block's output, normed,
+    averaged over patches; changing the fusion moves the loss, not the features."""
+    torch.manual_seed(0)
+    model = build_model(_cfg(mff=True, depth=4)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        feats, loss = model.features(x), model(x, torch.Generator().manual_seed(0))[0]
+        cls = (model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1)
+        seq = torch.cat([cls, model.patch_embed(x) + model.pos_embed[:, 1:]], dim=1)
+        for blk in model.blocks:
+            seq = blk(seq)
+        assert torch.allclose(feats, model.norm(seq)[:, 1:].mean(dim=1), atol=1e-6)
+        model.fusion.logits.copy_(torch.tensor([2.0, -2.0]))
+        model.fusion.proj[0].weight.mul_(3)
+        assert torch.equal(model.features(x), feats)
+        assert not torch.isclose(model(x, torch.Generator().manual_seed(0))[0], loss)
 
 
 def test_lomar_windows_inside_grid_and_per_image():
@@ -108,18 +135,10 @@ def test_lomar_windows_inside_grid_and_per_image():
     # each window is a contiguous w x w block (no wrap-around past the grid edge)
     assert torch.equal(rows.amax(-1) - rows.amin(-1), torch.full((64, 6), 4))
     assert torch.equal(cols.amax(-1) - cols.amin(-1), torch.full((64, 6), 4))
-    # exactly round(0.8 * 25) = 20 masked patches per window
+    # exactly int(25 * 0.8) = 20 masked patches per window
     assert s.masked.sum(-1).eq(20).all()
     # images draw their own windows: not every image repeats image 0's corners
     assert not (s.patch_ids[:, :, 0] == s.patch_ids[:1, :, 0]).all()
-
-
-def test_lomar_tiling_covers_grid():
-    corners = tiling_corners(16, 7)
-    covered = torch.zeros(16, 16, dtype=torch.bool)
-    for r, c in corners.tolist():
-        covered[r:r + 7, c:c + 7] = True
-    assert covered.all()
 
 
 def test_lomar_trains_and_features():
@@ -128,10 +147,85 @@ def test_lomar_trains_and_features():
                       windows=2, depth=2)
     model = build_model(cfg)
     loss, pred, s = model(torch.randn(3, 1, 16, 16), torch.Generator().manual_seed(0))
-    assert pred.shape == (3 * 2 * 13, 4)  # round(0.8 * 16) = 13 masked per window
+    # the reference masks int(w * w * ratio) = int(12.8) = 12 per window (rounding gave 13)
+    assert pred.shape == (3 * 2 * 12, 4)
     loss.backward()
-    assert model.blocks[0].attn.rel_pos.relative_position_bias_table.grad.abs().sum() > 0
+    assert model.blocks[0].attn.rpe_table.grad.abs().sum() > 0
     assert model.features(torch.randn(3, 1, 16, 16)).shape == (3, cfg.embed_dim)
+
+
+def _irpe_axis(d: int) -> int:
+    """iRPE's piecewise index of one axis' offset, written out from its paper (Eq. 18)
+    with the constants of LoMaR's reference (ratio 1.9: alpha, beta, gamma = 1.9, 3.8,
+    15.2); the reference clips the rounded value at beta, then int() truncates it."""
+    alpha, beta, gamma = 1.9, 3.8, 15.2
+    if abs(d) <= alpha:
+        return d
+    v = round(alpha + math.log(abs(d) / alpha) / math.log(gamma / alpha) * (beta - alpha))
+    return int(math.copysign(min(v, beta), d))
+
+
+def _reference_buckets(side: int) -> torch.Tensor:
+    """Product buckets of a cls token and a side x side grid: (row + 3) * 7 + (col + 3)
+    of the indexed offset query - key; 49, the extra bucket, for pairs with the cls token."""
+    cells = [divmod(i, side) for i in range(side * side)]
+    grid = [[(_irpe_axis(ri - rj) + 3) * 7 + _irpe_axis(ci - cj) + 3 for rj, cj in cells]
+            for ri, ci in cells]
+    out = torch.full((1 + side * side, 1 + side * side), 49)
+    out[1:, 1:] = torch.tensor(grid)
+    return out
+
+
+def test_lomar_relative_position_buckets_match_the_reference():
+    # per axis: offsets 0 and +-1 exact, +-2 and +-3 share a bucket, +-4 and beyond the last
+    assert [_irpe_axis(d) for d in range(-6, 7)] == [-3, -3, -3, -2, -2, -1, 0, 1, 2, 2, 3, 3, 3]
+    # worked pair of a 7x7 window: query (0, 0), key (2, 5): offset (-2, -5) -> (-2, -3)
+    # -> (1, 0) after the shift by 3 -> bucket 1 * 7 + 0 = 7
+    assert irpe_buckets(7, torch.device("cpu"))[1 + 0, 1 + 2 * 7 + 5] == 7
+    # every pair of a window, and of a whole 14x14 image (offsets up to 13 share the window's buckets)
+    for side in (7, 14):
+        assert torch.equal(irpe_buckets(side, torch.device("cpu")), _reference_buckets(side))
+
+
+def test_lomar_attention_adds_the_contextual_term_on_keys():
+    """logit(i, j) = q_i . k_j / sqrt(head_dim) + q_i . r[:, bucket(i, j)], one table r
+    shared by the heads, on a cls token and a 3x3 grid."""
+    torch.manual_seed(0)
+    attn = IRPEAttention(12, 3).eval()
+    with torch.no_grad():
+        attn.rpe_table.normal_()
+    x = torch.randn(2, 10, 12)
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).reshape(2, 10, 3, 3, 4).permute(2, 0, 3, 1, 4)
+        term = attn.position_logits(q)
+        # query (0, 0), key (2, 1): offset (-2, -1) -> (1, 2) after the shift -> bucket 9
+        assert torch.allclose(term[:, :, 1, 1 + 2 * 3 + 1], q[:, :, 1] @ attn.rpe_table[:, 9])
+        assert torch.allclose(term[:, :, 0, 5], q[:, :, 0] @ attn.rpe_table[:, 49])  # cls token
+        per_pair = attn.rpe_table[:, _reference_buckets(3)]  # (head_dim, N, N)
+        logits = q @ k.transpose(-2, -1) / 2 + torch.einsum("bhid,dij->bhij", q, per_pair)
+        out = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, 12))
+        assert torch.allclose(attn(x), out, atol=1e-5)
+
+
+def test_lomar_probe_encodes_the_whole_image_globally():
+    """As the reference's evaluation model: the whole image in one sequence, so the
+    window size does not change the probe, and a far patch reaches every token."""
+    torch.manual_seed(0)
+    small = build_model(_cfg(model="lomar", window_size=3))
+    large = build_model(_cfg(model="lomar", window_size=6))
+    large.load_state_dict(small.state_dict())
+    x = torch.randn(2, 1, 16, 16)
+    far = x.clone()
+    far[:, :, :2, :2] += 1  # the top-left patch of the 8x8 grid
+    outputs = []
+    small.norm.register_forward_hook(lambda module, inputs, out: outputs.append(out))
+    with torch.no_grad():
+        feats = small.features(x)
+        small.features(far)
+        assert torch.allclose(large.features(x), feats, atol=1e-6)
+    assert outputs[0].shape == (2, 1 + 64, small.cfg.embed_dim)  # cls and all 64 patches
+    assert torch.allclose(feats, outputs[0][:, 1:].mean(dim=1), atol=1e-6)
+    assert not torch.allclose(outputs[0][:, -1], outputs[1][:, -1])  # the bottom-right token
 
 
 @pytest.mark.parametrize("kw,field", [

@@ -12,7 +12,11 @@ compute of a run must come from here, never from 6 * params * tokens.
 from __future__ import annotations
 
 from trainers.config import TrainConfig
-from trainers.mask_counts import kept_patches
+from trainers.mask_counts import kept_patches, window_masked
+
+# Buckets of LoMaR's iRPE table (trainers.models.blocks.IRPE_BUCKETS: 7 x 7 product
+# buckets and the cls token's), repeated here to keep this module free of torch.
+IRPE_BUCKETS = 7 * 7 + 1
 
 
 def block_forward(tokens: int, dim: int, mlp_ratio: float) -> float:
@@ -41,11 +45,13 @@ def _mae_forward(c: TrainConfig) -> tuple[float, float]:
 
 
 def _lomar_forward(c: TrainConfig) -> tuple[float, float]:
-    area, pix = c.window_size ** 2, c.patch_size ** 2 * c.in_chans
-    n_mask = int(round(c.mask_ratio * area))
+    """Each window is a sequence of its w*w patches and a cls token; iRPE adds to
+    every block the product of each query with each bucket of its table."""
+    tokens, pix = c.window_size ** 2 + 1, c.patch_size ** 2 * c.in_chans
     embed = linear(c.seq_len, pix, c.embed_dim)
-    f = embed + c.windows * c.depth * block_forward(area, c.embed_dim, c.mlp_ratio)
-    f += c.windows * linear(n_mask, c.embed_dim, pix)
+    block = block_forward(tokens, c.embed_dim, c.mlp_ratio) + linear(tokens, c.embed_dim, IRPE_BUCKETS)
+    f = embed + c.windows * c.depth * block
+    f += c.windows * linear(window_masked(c.window_size, c.mask_ratio), c.embed_dim, pix)
     return f, embed
 
 

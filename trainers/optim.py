@@ -9,10 +9,12 @@ from trainers.config import TrainConfig
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
-    """No weight decay on norms, biases, tokens, position tables and fusion weights."""
+    """No weight decay on norms, biases, tokens, position tables and fusion weights.
+    LoMaR's iRPE table is decayed, as in its reference (timm's add_weight_decay
+    spares only 1-D parameters there)."""
     if param.ndim <= 1:
         return False
-    return not any(key in name for key in ("token", "pos_embed", "relative_position_bias_table"))
+    return not any(key in name for key in ("token", "pos_embed"))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -2,11 +2,17 @@
 
 Each image gets `windows` windows of w x w patches at its own random positions
 (the public code pairs image i with window i mod n, so an image can see the same
-window n times; here every image draws its own). Inside each window a ratio of
-the patches is replaced by a learned mask token, all w*w tokens go through the
-encoder, attention carries a relative position bias instead of absolute
-positions, and a linear head predicts the pixels of the masked patches.
-Cost grows with the number of windows, not quadratically with resolution.
+window n times; here every image draws its own). Inside each window int(ratio *
+w*w) patches, as the reference counts them, are replaced by a learned mask
+token; a cls token and all w*w tokens go through the encoder, whose attention
+carries iRPE's relative position term (blocks.IRPEAttention, as the reference)
+instead of absolute positions, and a linear head predicts the pixels of the
+masked patches. Cost grows with the number of windows, not quadratically with
+resolution.
+
+Probes see what the reference's evaluation model (models_vit_rp.py) sees: the
+whole image, unmasked, as one sequence with global attention; the relative
+position buckets reach any distance, so the pretrained weights apply unchanged.
 """
 from __future__ import annotations
 
@@ -18,8 +24,8 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from trainers.config import TrainConfig
-from trainers.models.blocks import (LayerNorm, in_cpu_groups, init_patch_embed, init_weights,
-                                    relpos_blocks)
+from trainers.mask_counts import window_masked
+from trainers.models.blocks import LayerNorm, in_cpu_groups, init_patch_embed, init_weights, irpe_blocks
 from trainers.models.pixels import masked_mse, patchify, pixel_targets
 
 
@@ -40,22 +46,15 @@ def window_patch_ids(corners: torch.Tensor, window: int, grid: int) -> torch.Ten
 def sample_windows(batch: int, cfg: TrainConfig, generator: Optional[torch.Generator] = None,
                    device=None) -> WindowSample:
     """Random window corners per image, and a random mask of exactly
-    round(ratio * w*w) patches inside every window."""
+    window_masked(w, ratio) patches inside every window."""
     w, g, n = cfg.window_size, cfg.grid, cfg.windows
     gen_device = generator.device if generator is not None else device
     corners = torch.randint(0, g - w + 1, (batch, n, 2), generator=generator, device=gen_device)
-    n_mask = int(round(cfg.mask_ratio * w * w))
+    n_mask = window_masked(w, cfg.mask_ratio)
     noise = torch.rand(batch, n, w * w, generator=generator, device=gen_device)
     ranks = noise.argsort(-1).argsort(-1)
     masked = ranks < n_mask
     return WindowSample(window_patch_ids(corners, w, g).to(device), masked.to(device))
-
-
-def tiling_corners(grid: int, window: int) -> torch.Tensor:
-    """Corners of windows covering the whole grid (the last row/column clamped)."""
-    starts = sorted({min(s, grid - window) for s in range(0, grid, window)})
-    s = torch.tensor(starts)
-    return torch.stack(torch.meshgrid(s, s, indexing="ij"), -1).reshape(-1, 2)
 
 
 class LoMaR(nn.Module):
@@ -64,12 +63,14 @@ class LoMaR(nn.Module):
         self.cfg = cfg
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))  # no position: iRPE gives it its own bucket
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.blocks = relpos_blocks(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.window_size)
+        self.blocks = irpe_blocks(d, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
         self.norm = LayerNorm(d)
         self.head = nn.Linear(d, cfg.patch_size ** 2 * cfg.in_chans)
         self.apply(init_weights)
         init_patch_embed(self.patch_embed.proj)
+        nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def _window_tokens(self, tokens: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
@@ -78,11 +79,13 @@ class LoMaR(nn.Module):
         idx = patch_ids.reshape(b, n * a, 1).expand(-1, -1, tokens.shape[-1])
         return torch.gather(tokens, 1, idx).reshape(b * n, a, -1)
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(windows, w*w, D) tokens -> normalised encoder output, window by window."""
-        return in_cpu_groups(self._encode_windows, x, self.blocks)
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(sequences, side*side, D) tokens of square grids (windows, or whole images)
+        -> normalised encoder output of those tokens, the cls token dropped."""
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return in_cpu_groups(self._encode_tokens, torch.cat([cls, tokens], dim=1), self.blocks)[:, 1:]
 
-    def _encode_windows(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -105,9 +108,6 @@ class LoMaR(nn.Module):
         return masked_mse(pred, target), pred, sample
 
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Frozen features for probes: windows tiling the image, no masking, mean of all tokens."""
-        corners = tiling_corners(self.cfg.grid, self.cfg.window_size).to(imgs.device)
-        ids = window_patch_ids(corners, self.cfg.window_size, self.cfg.grid)
-        ids = ids.unsqueeze(0).expand(imgs.shape[0], -1, -1)
-        x = self._encode(self._window_tokens(self.patch_embed(imgs), ids))
-        return x.reshape(imgs.shape[0], -1, x.shape[-1]).mean(dim=1)
+        """Frozen features for probes: the whole image in one sequence (global
+        attention, whatever the window size), no masking, mean of all patch tokens."""
+        return self._encode(self.patch_embed(imgs)).mean(dim=1)

@@ -24,7 +24,8 @@ def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
 
 class FeatureFusion(nn.Module):
     """MFF: softmax-weighted average of chosen encoder layers, each earlier layer
-    through its own linear projection, the last one as it is."""
+    through its own linear projection, the last one as it is (mmpretrain's
+    MFFViT). It feeds the decoder only: probes read the plain encoder."""
 
     def __init__(self, dim: int, layers: tuple[int, ...]):
         super().__init__()
@@ -70,18 +71,21 @@ class MAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     # -- encoder
-    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _encode(self, tokens: torch.Tensor, fuse: bool = True) -> torch.Tensor:
+        """Encoder output of cls + tokens, normalised; with MFF and `fuse`, the fused
+        layers (what the decoder reads) instead of the last block's output."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return in_cpu_groups(self._encode_tokens, torch.cat([cls, tokens], dim=1), self.blocks)
+        fusion = self.fusion if fuse else None
+        return in_cpu_groups(partial(self._encode_tokens, fusion=fusion),
+                             torch.cat([cls, tokens], dim=1), self.blocks)
 
-    def _encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode_tokens(self, x: torch.Tensor, fusion: Optional[FeatureFusion]) -> torch.Tensor:
         outputs = []
         for blk in self.blocks:
             x = blk(x)
-            outputs.append(x)
-        if self.fusion is not None:
-            x = self.fusion(outputs)
-        return self.norm(x)
+            if fusion is not None:  # layer outputs are kept only when they are fused
+                outputs.append(x)
+        return self.norm(x if fusion is None else fusion(outputs))
 
     def encode_visible(self, imgs: torch.Tensor, masking: Masking) -> torch.Tensor:
         """Encoder on the visible patches only (plus cls): (B, 1 + n_keep, D)."""
@@ -90,9 +94,11 @@ class MAE(nn.Module):
         return self._encode(torch.gather(tokens, 1, keep))
 
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Frozen-encoder features for probes: mean of all patch tokens, no masking."""
+        """Frozen-encoder features for probes: mean of all patch tokens, no masking.
+        With MFF too the plain encoder (last block, then the norm): MFF's reference
+        evaluates a plain ViT on the pretrained weights, the fusion left out."""
         tokens = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        return self._encode(tokens)[:, 1:].mean(dim=1)
+        return self._encode(tokens, fuse=False)[:, 1:].mean(dim=1)
 
     # -- decoder
     def decode_masked(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:
