@@ -3,6 +3,7 @@ study's parent MLflow run. `run` and `resume` call it at their end; `fit NAME`
 calls it on its own."""
 from __future__ import annotations
 
+import numpy as np
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -60,8 +61,14 @@ def _print_curve(curve, console: Console) -> None:
             tp = g.turning_point
             console.print(f"    turning point at {spec.x}={tp.x:.4g} {_interval(*tp.ci)}"
                           + ("" if tp.confident else " (not confident)"))
-        if g.holdout is not None:
-            h = g.holdout
-            console.print(f"    held-out largest {spec.x}: predicted {h.predicted:.4g} "
-                          f"{_interval(*h.prediction_interval)}, actual {h.actual:.4g} "
-                          f"({'inside' if h.inside else 'outside'} the interval)")
+        if g.rollout is not None:
+            console.print(f"    rollout (fit on the smaller {spec.x}, predict the next; "
+                          f"{g.fit.level:.0%} prediction intervals with the trials' noise):")
+            for h in g.rollout.steps:
+                x = h.x if np.isscalar(h.x) else h.x[0] * h.x[1]
+                console.print(f"      {spec.x}={x:.4g} from {h.n_fitted_x} smaller: predicted {h.predicted:.4g} "
+                              f"{_interval(*h.prediction_interval)}, actual {h.actual:.4g}, "
+                              f"error {h.error:+.3g} ({h.rel_error:+.1%}, "
+                              f"{'inside' if h.inside else 'OUTSIDE'})")
+        for warning in g.fit.diagnostics.warnings:
+            console.print(f"    [yellow]warning[/yellow]: {warning}")

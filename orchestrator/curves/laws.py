@@ -133,12 +133,12 @@ class PowerSumLaw:
         polished, polished_loss = huber_lbfgs(model, t, best, lower, upper)
         return polished if polished_loss <= loss.min() else best
 
-    def fit_resamples(self, u: np.ndarray, t: np.ndarray, weights: np.ndarray,
-                      start: np.ndarray) -> np.ndarray:
-        """Raw parameters (B, p) for each weight row, all starting from the full-data optimum."""
-        lower, upper = self._bounds(t)
-        starts = np.repeat(start[None], weights.shape[0], 0)
-        return huber_lm(partial(self.model, u=u), t, weights, starts, lower, upper)[0]
+    def fit_resamples(self, u: np.ndarray, t_star: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """Raw parameters (B, p) for each row of targets (B, n), all starting from the
+        full-data optimum."""
+        lower, upper = self._bounds(t_star)
+        starts = np.repeat(start[None], t_star.shape[0], 0)
+        return huber_lm(partial(self.model, u=u), t_star, np.ones_like(t_star), starts, lower, upper)[0]
 
 
 class QuadraticLaw:
@@ -198,9 +198,8 @@ class QuadraticLaw:
     def fit(self, u: np.ndarray, t: np.ndarray) -> np.ndarray:
         return weighted_lstsq(self._design(u), t, np.ones((1, len(t))))[0]
 
-    def fit_resamples(self, u: np.ndarray, t: np.ndarray, weights: np.ndarray,
-                      start: np.ndarray) -> np.ndarray:
-        return weighted_lstsq(self._design(u), t, weights)
+    def fit_resamples(self, u: np.ndarray, t_star: np.ndarray, start: np.ndarray) -> np.ndarray:
+        return weighted_lstsq(self._design(u), t_star, np.ones_like(t_star))
 
 
 POWER_LAWS = {

@@ -60,6 +60,11 @@ def _group_metrics(curve: str, g: GroupCurve) -> list[Point]:
         if g.holdout is not None:
             values[_key(*prefix, "holdout_rel_error")] = g.holdout.rel_error
             values[_key(*prefix, "holdout_inside")] = float(g.holdout.inside)
+    if g.rollout is not None:
+        values[_key(*prefix, "rollout_inside_fraction")] = g.rollout.inside_fraction
+        values[_key(*prefix, "rollout_mean_abs_rel_error")] = g.rollout.mean_abs_rel_error
+    if fit is not None:
+        values[_key(*prefix, "warnings")] = len(fit.diagnostics.warnings)
     if g.turning_point is not None:
         tp = g.turning_point
         values[_key(*prefix, "turning_point")] = tp.x

@@ -44,6 +44,7 @@ def huber_lm(model: Model, target: np.ndarray, weights: np.ndarray, start: np.nd
     """
     theta = np.array(start, dtype=float)
     weights = np.broadcast_to(weights, (theta.shape[0], target.shape[-1]))
+    target = np.broadcast_to(target, weights.shape)  # one target per problem, or one for all
     pred, jac = model(theta)
     resid = pred - target
     loss = huber_loss(resid, weights, delta)
@@ -61,7 +62,7 @@ def huber_lm(model: Model, target: np.ndarray, weights: np.ndarray, start: np.nd
         step = np.linalg.solve(damped, -grad[..., None])[..., 0]
         trial = np.clip(theta[active] + step, lower, upper)
         trial_pred, trial_jac = model(trial)
-        trial_resid = trial_pred - target
+        trial_resid = trial_pred - target[active]
         trial_loss = huber_loss(trial_resid, w, delta)
         better = trial_loss <= loss[active]
         done = (better & (loss[active] - trial_loss <= rtol * np.maximum(loss[active], 1.0))) | (lam > 1e8)
@@ -95,11 +96,11 @@ def huber_lbfgs(model: Model, target: np.ndarray, start: np.ndarray,
 def weighted_lstsq(design: np.ndarray, target: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Batched weighted least squares via the normal equations.
 
-    design (n, p), target (n,), weights (B, n) -> coefficients (B, p); NaN
-    where a resample leaves the system singular (too few distinct x).
+    design (n, p), target (n,) or (B, n), weights (B, n) -> coefficients (B, p);
+    NaN where a resample leaves the system singular (too few distinct x).
     """
     xtwx = np.einsum("bn,ni,nj->bij", weights, design, design)
-    xtwy = np.einsum("bn,ni,n->bi", weights, design, target)
+    xtwy = np.einsum("bn,ni,bn->bi", weights, design, np.broadcast_to(target, weights.shape))
     singular = np.linalg.cond(xtwx) > 1e12
     xtwx[singular] = np.eye(design.shape[1])
     coef = np.linalg.solve(xtwx, xtwy[..., None])[..., 0]

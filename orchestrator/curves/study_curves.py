@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .errors import CurveFitError
 from .fit import FitResult, fit_curve, json_number
 from .frontier import Frontier, compute_frontier
-from .holdout import HoldoutCheck, holdout_check
+from .holdout import HoldoutCheck, Rollout, rollout_check
 from .laws import POWER_LAWS
 from .points import point_trials, tuned_names
 from .turning import TurningPoint, find_turning_point
@@ -83,6 +83,7 @@ class GroupCurve:
     fit: FitResult | None = None
     error: str | None = None  # why the law was refused, if it was
     turning_point: TurningPoint | None = None
+    rollout: Rollout | None = None  # fitted on the smaller x, predicting each next one
     notes: list[str] = field(default_factory=list)  # refusals of the optional checks
 
     @property
@@ -119,6 +120,7 @@ class GroupCurve:
         return {"group": self.group, "n_trials": len(self.y), "points": points, "summary": rows,
                 "fit": self.fit.to_dict() if self.fit else None, "error": self.error,
                 "turning_point": self.turning_point.to_dict() if self.turning_point else None,
+                "rollout": self.rollout.to_dict() if self.rollout else None,
                 "notes": self.notes}
 
 
@@ -160,9 +162,12 @@ def _fit_group(spec: CurveSpec, group: str, x: np.ndarray, y: np.ndarray, *, boo
         curve.error = str(err)
         return curve
     try:
-        curve.fit.holdout = holdout_check(x, y, spec.law, **opts)
+        curve.rollout = rollout_check(x, y, spec.law, **opts)
+        last = curve.rollout.steps[-1]
+        if last.n_fitted_x == len(np.unique(x.reshape(len(y), -1).prod(1))) - 1:
+            curve.fit.holdout = last  # the rollout's last step predicts the largest x
     except CurveFitError as err:
-        curve.notes.append(f"holdout: {err}")
+        curve.notes.append(f"rollout: {err}")
     if turning:
         try:
             curve.turning_point = find_turning_point(x, y, higher_is_better=spec.higher_is_better,
