@@ -76,10 +76,11 @@ def _plot_group(ax: Axes, g: GroupCurve, color: str) -> None:
     if g.holdout is not None:
         h = g.holdout
         ax.plot(h.x, h.actual, marker="*", ms=13, color=color, mec="black", ls="none", zorder=4)
-        lo, hi = h.prediction_interval
-        beside = ax.transData + ScaledTranslation(HELD_OUT_OFFSET_INCH, 0, ax.figure.dpi_scale_trans)
-        ax.errorbar(h.x, h.predicted, yerr=[[h.predicted - lo], [hi - h.predicted]], fmt="D", ms=5,
-                    mfc="white", color=color, capsize=4, zorder=4, transform=beside)
+    beside = ax.transData + ScaledTranslation(HELD_OUT_OFFSET_INCH, 0, ax.figure.dpi_scale_trans)
+    for step in g.rollout.steps if g.rollout is not None else []:  # each x predicted from the smaller ones
+        lo, hi = step.prediction_interval
+        ax.errorbar(step.x, step.predicted, yerr=[[step.predicted - lo], [hi - step.predicted]], fmt="D",
+                    ms=5, mfc="white", color=color, capsize=4, zorder=4, transform=beside)
     marks = [(g.turning_point.x, g.turning_point.ci, ":")] if g.turning_point else []
     if g.fit.vertex is not None and np.isfinite(g.fit.vertex):
         marks.append((g.fit.vertex, g.fit.vertex_ci, "--"))
@@ -111,7 +112,8 @@ def _marker_legend(curve: StudyCurve, level: float) -> list[Line2D]:
         handles += [Line2D([], [], marker="*", ms=11, mec="black", color="grey", ls="none",
                            label="largest x, held out: actual mean"),
                     Line2D([], [], marker="D", ms=5, mfc="white", color="grey", ls="none",
-                           label=f"its prediction without it, {level:.0%} interval")]
+                           label=f"rollout: each x predicted from the smaller x only,\n"
+                                 f"{level:.0%} interval with the trials' noise")]
     if any(g.turning_point for g in groups):
         handles.append(Line2D([], [], color="grey", ls=":", label="turning point (shade: interval)"))
     if any(g.fit is not None and g.fit.vertex is not None for g in groups):
