@@ -1,6 +1,7 @@
 """MLflow: an experiment per study, a parent run per execution, a nested run per trial."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import urllib.request
@@ -19,6 +20,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 # Ending a run prints its URL on stdout, through the study's live view.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# A new sqlite store logs "Creating initial MLflow database tables..." on the terminal,
+# before a refusal's one line or the study's live view.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 # MLflow caps a param value at 6000 characters and a batch at 100 params.
 _PARAM_BATCH = 100

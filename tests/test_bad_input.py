@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import urllib.request
 from pathlib import Path
 
@@ -225,21 +226,29 @@ def test_malformed_address(tmp_path, capfd):
     assert not (tmp_path / "s").exists()
 
 
-def test_address_auto_without_a_cluster(tmp_path, capfd, monkeypatch):
+def test_address_auto_without_a_cluster(tmp_path):
     """No Ray cluster to join: Ray's discovery is pointed at an empty place, so a
-    cluster someone else runs on this machine is never joined."""
-    import ray._private.services as services
-
-    def no_gcs_processes():
-        return []
-
-    no_gcs_processes.cache_clear = lambda: None  # ray.init clears the real one's cache
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(services, "find_gcs_addresses", no_gcs_processes)
-    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    cluster someone else runs on this machine is never joined. In its own process:
+    a Ray this test process started for other tests would be joined instead."""
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    _refused(capfd, ["run", TINY, "--storage", tmp_path / "s", "--tracking-uri", tracking, "--address", "auto"],
-             "--address auto", "no Ray cluster")
+    argv = ["run", str(TINY), "--storage", str(tmp_path / "s"), "--tracking-uri", tracking, "--address", "auto"]
+    code = textwrap.dedent(f"""
+        import sys
+        import ray._private.services as services
+        def no_gcs_processes():
+            return []
+        no_gcs_processes.cache_clear = lambda: None  # ray.init clears the real one's cache
+        services.find_gcs_addresses = no_gcs_processes
+        services.find_bootstrap_address = lambda temp_dir: None
+        from orchestrator.cli import main
+        sys.exit(main({argv!r}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "--address auto" in lines[0] and "no Ray cluster" in lines[0]
     _nothing_written(tmp_path / "s", "tiny_grid", tracking)
 
 
