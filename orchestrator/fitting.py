@@ -39,6 +39,25 @@ def fit_study(state: dict, storage_uri: str, console: Console, bootstrap: int = 
     return curves
 
 
+def _print_isoflop(iso, spec, console: Console) -> None:
+    for b in iso.budgets:
+        console.print(f"    budget {b.budget:.3g} FLOPs: optimal {spec.x} {b.n_opt:.4g} {_interval(*b.n_opt_ci)}, "
+                      f"{b.d_opt:.4g} images" + "".join(f"\n      [yellow]{f}[/yellow]" for f in b.flags))
+    for law, fit in (("optimal size", iso.n_opt), ("images seen", iso.d_opt)):
+        if fit is not None:
+            console.print(f"  {law} ~ C^{fit.a:.3g} {_interval(*fit.a_ci)}")
+    if (h := iso.held_out) is not None:
+        console.print(f"  largest budget {h.budget:.3g} predicted from the smaller: optimal size {h.predicted_n_opt:.4g} "
+                      f"{_interval(*h.n_opt_interval)} vs {h.actual_n_opt:.4g} "
+                      f"({'inside' if h.n_inside else 'OUTSIDE'}); {spec.y} at it {h.predicted_y_opt:.4g} "
+                      f"{_interval(*h.y_opt_interval)} vs {h.actual_y_opt:.4g} ({'inside' if h.y_inside else 'OUTSIDE'})")
+    if iso.two_variable:
+        params = ", ".join(f"{k}={v:.4g}" for k, v in iso.two_variable["params"].items() if v is not None)
+        console.print(f"  two-variable law on every run: {params}")
+    for note in iso.notes:
+        console.print(f"  {note}")
+
+
 def _print_curve(curve, console: Console) -> None:
     spec = curve.spec
     console.print(f"[bold]{spec.name}[/bold]: {spec.y} vs {spec.x}"
@@ -72,3 +91,5 @@ def _print_curve(curve, console: Console) -> None:
                               f"{'inside' if h.inside else 'OUTSIDE'})")
         for warning in g.fit.diagnostics.warnings:
             console.print(f"    [yellow]warning[/yellow]: {warning}")
+    if curve.isoflop is not None:
+        _print_isoflop(curve.isoflop, spec, console)

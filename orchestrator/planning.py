@@ -103,8 +103,11 @@ def trial_config(study: Study, profile: str, values: dict[str, Any], params: dic
         fields.update(_derived(study, fields))
     fields.update(params)
     fields["seed"] = fields.get("seed", 0) + seed
-    # a `steps` axis (a compute sweep) overrides the profile's budget
+    # a `steps` axis (a compute sweep) or a `flops_budget` one (an isoFLOP study)
+    # overrides the profile's budget
     steps = fields.pop("steps", None)
+    if steps is None and fields.get("flops_budget"):
+        steps = max(1, round(fields["flops_budget"] / train_step_flops(TrainConfig(**{**fields, "steps": 1}))))
     if steps is None:
         steps = _steps_for(prof.budget, TrainConfig(**{**fields, "steps": 1}))
     every = max(1, steps // study.evaluations)

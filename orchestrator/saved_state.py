@@ -16,7 +16,7 @@ import pickletools
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.curves import CurveSpec
+from orchestrator.curves import CurveSpec, spec_from_dict
 from orchestrator.storage import Storage
 from orchestrator.study import Objective, Study, StudyError, load_study
 
@@ -51,7 +51,7 @@ def objective_of(state: dict) -> Objective:
 def curves_of(state: dict) -> list[CurveSpec]:
     if "curves" not in state:
         return study_for_resume(state)[0].curves
-    return [CurveSpec.model_validate(c) for c in state["curves"]]
+    return [spec_from_dict(c) for c in state["curves"]]
 
 
 def study_for_resume(state: dict, path: Optional[str] = None) -> tuple[Study, str]:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.curves import CurveSpec, x_is_searched
+from orchestrator.curves import CurveSpec, IsoFlopSpec, x_is_searched
 from trainers.config import TrainConfig
 
 PROFILES = ("local", "cluster")
@@ -142,7 +142,7 @@ class Study(BaseModel):
     early_stopping: bool = True
     # cell values -> extra TrainConfig fields (e.g. a mask unit that follows the patch size)
     derive: Optional[Callable[[dict], dict]] = None
-    curves: list[CurveSpec] = Field(default_factory=list)
+    curves: list[Union[CurveSpec, IsoFlopSpec]] = Field(default_factory=list)
 
     @field_validator("trials_per_cell", "evaluations")
     @classmethod
@@ -166,7 +166,7 @@ class Study(BaseModel):
             raise ValueError("replicates: nothing is tuned, so each cell's trials_per_cell trials are "
                              "its seeds already; set trials_per_cell instead")
         for spec in self.curves:
-            if self.early_stopping and x_is_searched(spec, self.tune):
+            if isinstance(spec, CurveSpec) and self.early_stopping and x_is_searched(spec, self.tune):
                 raise ValueError(f"curves: {spec.name}'s x {spec.x!r} is searched by tune, so every trial "
                                  f"is a point of it, and early stopping would drop the worse ones from the "
                                  f"fit; set early_stopping=False")

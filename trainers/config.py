@@ -81,6 +81,9 @@ class TrainConfig(BaseModel):
 
     # --- optimisation
     steps: int = 100
+    # the training FLOPs (counted from the model) this run was sized to, when its
+    # steps come from a compute budget (an isoFLOP study); None: steps were given
+    flops_budget: Optional[float] = None
     batch_size: int = 64  # per optimizer step, summed over workers and accumulation
     accum_steps: int = 1
     base_lr: float = 1.5e-4
@@ -149,6 +152,19 @@ class TrainConfig(BaseModel):
         return kept_patches(self.grid, self.mask_ratio)
 
     @property
+    def encoder_params(self) -> int:
+        """Parameters of the encoder's transformer blocks: the model size N of
+        scaling laws (Kaplan et al.: embeddings excluded; MAE's decoder is fixed)."""
+        d, r = self.embed_dim, self.mlp_ratio
+        per_block = (4 + 2 * r) * d * d + (9 + r) * d  # qkv, proj, MLP and two norms, with biases
+        return int(self.depth * per_block)
+
+    @property
+    def images_seen(self) -> int:
+        """The data size D of a run: images through the encoder, repeats counted."""
+        return self.steps * self.batch_size
+
+    @property
     def worker_batch(self) -> int:
         """Images one worker feeds through the model per micro-step."""
         return self.batch_size // (self.workers * self.accum_steps)
@@ -168,6 +184,8 @@ class TrainConfig(BaseModel):
         out["effective_mask_ratio"] = effective_mask_ratio(self.model, self.grid, self.window_size,
                                                            self.mask_ratio)
         out["visible_patches"] = self.visible_patches
+        out["encoder_params"] = self.encoder_params
+        out["images_seen"] = self.images_seen
         return out
 
 

@@ -14,12 +14,13 @@ from .laws import LAW_NAMES
 from .mlflow_log import log_curves_to_mlflow
 from .outputs import points_table, write_curve_outputs
 from .points import x_is_searched
-from .study_curves import CurveSpec, GroupCurve, StudyCurve, fit_study_curves
+from .isoflop import IsoFlopSpec
+from .study_curves import CurveSpec, GroupCurve, StudyCurve, fit_study_curves, spec_from_dict
 from .turning import TurningPoint, find_turning_point
 
 __all__ = [
     "CurveFitError", "CurveSpec", "Diagnostics", "FitResult", "Frontier", "FrontierPoint",
-    "GroupCurve", "HoldoutCheck", "LAW_NAMES", "StudyCurve", "TurningPoint", "compute_frontier",
+    "GroupCurve", "HoldoutCheck", "IsoFlopSpec", "LAW_NAMES", "StudyCurve", "TurningPoint", "compute_frontier",
     "find_turning_point", "fit_curve", "fit_study_curves", "holdout_check", "log_curves_to_mlflow",
-    "plot_curve", "points_table", "write_curve_outputs", "x_is_searched",
+    "plot_curve", "points_table", "write_curve_outputs", "x_is_searched", "spec_from_dict",
 ]

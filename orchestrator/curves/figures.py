@@ -199,10 +199,45 @@ def _plot_parity(ax: Axes, curve: StudyCurve) -> None:
     ax.set_ylabel(f"observed {spec.y} (log scale)")
 
 
+def _plot_isoflop_optimum(ax: Axes, curve: StudyCurve) -> None:
+    """N_opt against compute: each budget's vertex with its interval, the fitted
+    power law with its band, and the held-out budget's prediction beside it."""
+    iso = curve.isoflop
+    for i, b in enumerate(iso.budgets):
+        lo, hi = b.n_opt_ci
+        ax.errorbar(b.compute, b.n_opt, yerr=[[max(0.0, b.n_opt - lo)], [max(0.0, hi - b.n_opt)]], fmt="o",
+                    ms=6, capsize=3, color=f"C{i % 10}", mfc="white" if not b.used else None,
+                    label=f"budget {b.budget:g}" + ("" if b.used else " (no interior minimum)"))
+    if iso.n_opt is not None:
+        c = np.geomspace(min(b.compute for b in iso.budgets) / 2, max(b.compute for b in iso.budgets) * 2, 50)
+        lo, hi = iso.n_opt.predict_interval(c, iso.level)
+        ax.plot(c, iso.n_opt.predict(c), color="black", lw=1.5,
+                label=f"N_opt = k·C^a, a = {iso.n_opt.a:.3g} [{iso.n_opt.a_ci[0]:.3g}, {iso.n_opt.a_ci[1]:.3g}]")
+        ax.fill_between(c, lo, hi, color="black", alpha=0.1, lw=0)
+    if iso.held_out is not None:
+        h = iso.held_out
+        beside = ax.transData + ScaledTranslation(HELD_OUT_OFFSET_INCH, 0, ax.figure.dpi_scale_trans)
+        budget = next(b for b in iso.budgets if b.budget == h.budget)
+        lo, hi = h.n_opt_interval
+        ax.errorbar(budget.compute, h.predicted_n_opt, yerr=[[h.predicted_n_opt - lo], [hi - h.predicted_n_opt]],
+                    fmt="D", ms=5, mfc="white", color="black", capsize=4, transform=beside,
+                    label="largest budget predicted from the smaller ones")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute (training FLOPs, counted from the model)")
+    ax.set_ylabel(f"optimal {curve.spec.x}")
+    ax.set_title("compute-optimal model size", fontsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+
 def plot_curve(curve: StudyCurve) -> Figure:
-    """One figure per curve: every group in its own colour, with a legend."""
-    fig = Figure(figsize=(10, 5.5), layout="constrained")
-    ax = fig.add_subplot()
+    """One figure per curve: every group in its own colour, with a legend; a
+    compute-optimal curve also shows its optimum against compute."""
+    fig = Figure(figsize=(16 if curve.isoflop else 10, 5.5), layout="constrained")
+    ax = fig.add_subplot(1, 2, 1) if curve.isoflop else fig.add_subplot()
+    if curve.isoflop:
+        _plot_isoflop_optimum(fig.add_subplot(1, 2, 2), curve)
     fits = [g.fit for g in curve.groups.values() if g.fit is not None]
     level = fits[0].level if fits else 0.95
     if curve.spec.law == "chinchilla":

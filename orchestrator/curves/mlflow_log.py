@@ -79,6 +79,21 @@ def _group_metrics(curve: str, g: GroupCurve) -> list[Point]:
     return metrics
 
 
+def _isoflop_metrics(name: str, iso) -> list[tuple[str, float]]:
+    """N_opt ~ C^a and D_opt ~ C^b with their intervals, and the held-out budget's errors."""
+    values = {}
+    for law, fit in (("n_opt", iso.n_opt), ("d_opt", iso.d_opt)):
+        if fit is not None:
+            values[_key("curve", name, f"{law}_exponent")] = fit.a
+            values[_key("curve", name, f"{law}_exponent_ci_low")], values[_key("curve", name, f"{law}_exponent_ci_high")] = fit.a_ci
+    if iso.held_out is not None:
+        h = iso.held_out.to_dict()
+        for k in ("n_rel_error", "y_rel_error"):
+            values[_key("curve", name, f"held_out_budget_{k}")] = h[k]
+        values[_key("curve", name, "held_out_budget_n_inside")] = float(h["n_inside"])
+    return [(k, float(v)) for k, v in values.items() if v is not None and np.isfinite(v)]
+
+
 def log_curves_to_mlflow(results: Mapping[str, StudyCurve] | Iterable[StudyCurve], client, run_id: str) -> None:
     """Log each curve to the run with an `mlflow.tracking.MlflowClient`.
 
@@ -108,6 +123,8 @@ def log_curves_to_mlflow(results: Mapping[str, StudyCurve] | Iterable[StudyCurve
         groups = list(curve.groups.values()) + ([curve.frontier_fit] if curve.frontier_fit else [])
         for g in groups:
             metrics += [Metric(key, value, now, step) for key, value, step in _group_metrics(_key("curve", name), g)]
+        if curve.isoflop is not None:
+            metrics += [Metric(key, value, now, 0) for key, value in _isoflop_metrics(name, curve.isoflop)]
     for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
     for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):

@@ -12,6 +12,7 @@ from .errors import CurveFitError
 from .fit import FitResult, fit_curve, json_number
 from .frontier import Frontier, compute_frontier
 from .holdout import HoldoutCheck, Rollout, rollout_check
+from .isoflop import IsoFlopOptimum, IsoFlopSpec, fit_isoflop_optimum
 from .laws import POWER_LAWS
 from .points import point_trials, tuned_names
 from .turning import TurningPoint, find_turning_point
@@ -33,6 +34,7 @@ class CurveSpec(BaseModel):
     """
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    kind: Literal["curve"] = "curve"
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used as a file and metric name
     x: Union[str, tuple[str, str]]
     y: str
@@ -132,13 +134,15 @@ class StudyCurve:
     frontier_fit: GroupCurve | None = None  # the law fitted to the trials on the frontier
     error: str | None = None  # why nothing could be done for this curve
     point_rule: str = ""  # which trials make the points (see points.py)
+    isoflop: IsoFlopOptimum | None = None  # a compute-optimal curve's optimum per budget and its laws
 
     def to_dict(self) -> dict[str, Any]:
         return {"curve": self.spec.name, "spec": self.spec.model_dump(mode="json"), "error": self.error,
                 "points_are": self.point_rule,
                 "groups": {name: g.to_dict() for name, g in self.groups.items()},
                 "frontier": self.frontier.to_dict() if self.frontier else None,
-                "frontier_fit": self.frontier_fit.to_dict() if self.frontier_fit else None}
+                "frontier_fit": self.frontier_fit.to_dict() if self.frontier_fit else None,
+                **({"isoflop": self.isoflop.to_dict()} if self.isoflop else {})}
 
 
 def _summarise(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
@@ -190,7 +194,7 @@ def _group_label(spec: CurveSpec, value: Any) -> str:
     """One column: its value ("vit_base"); several: text values bare, numbers named
     ("lomar w7, img_size=28")."""
     if not isinstance(value, tuple):
-        return str(value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
     return ", ".join(v if isinstance(v, str) else f"{col}={v:g}" if isinstance(v, float) else f"{col}={v}"
                      for col, v in zip(spec.group_columns, value))
 
@@ -240,7 +244,15 @@ def _add_frontier(result: StudyCurve, *, bootstrap: int, seed: int, level: float
                                      level=level, turning=False)
 
 
-def fit_study_curves(table, specs: list[CurveSpec], objective: tuple[str, str], *, bootstrap: int = 1000,
+def _fit_isoflop(spec: IsoFlopSpec, frame: pd.DataFrame, objective: tuple[str, str], **opts) -> StudyCurve:
+    curve = _fit_one(spec.parabolas(), frame, objective, **opts)
+    if curve.error is None:
+        rows, _ = point_trials(frame, curve.spec, *objective)
+        curve.isoflop = fit_isoflop_optimum(curve, rows, spec, **opts)
+    return curve
+
+
+def fit_study_curves(table, specs: list[CurveSpec | IsoFlopSpec], objective: tuple[str, str], *, bootstrap: int = 1000,
                      seed: int = 0, level: float = 0.95) -> dict[str, StudyCurve]:
     """Fit every spec to the points of `table` (pandas DataFrame or pyarrow Table).
 
@@ -257,5 +269,11 @@ def fit_study_curves(table, specs: list[CurveSpec], objective: tuple[str, str], 
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"curve names must be unique: {names}")
-    return {spec.name: _fit_one(spec, frame, objective, bootstrap=bootstrap, seed=seed, level=level)
+    opts = dict(bootstrap=bootstrap, seed=seed, level=level)
+    return {spec.name: (_fit_isoflop if isinstance(spec, IsoFlopSpec) else _fit_one)(spec, frame, objective, **opts)
             for spec in specs}
+
+
+def spec_from_dict(data: dict) -> CurveSpec | IsoFlopSpec:
+    """A curve spec saved as JSON (study.json), of whichever kind it is."""
+    return (IsoFlopSpec if data.get("kind") == "isoflop" else CurveSpec).model_validate(data)
