@@ -4,7 +4,7 @@ known truth at the sizes studies have (4 to 8 distinct x, 1 to 3 replicates,
 intervals, of the vertex (quadratic), of the curve band at the largest x and of
 the prediction interval for a new trial at the next x, with their mean widths.
 
-    python bench/interval_coverage.py [--datasets 100] [--bootstrap 400]
+    python bench/interval_coverage.py [--datasets 300] [--bootstrap 200]
 
 Last line: worst_coverage=<lowest coverage of any interval, in %>.
 """
@@ -21,8 +21,8 @@ from orchestrator.curves.calibration import coverage  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--datasets", type=int, default=100)
-    p.add_argument("--bootstrap", type=int, default=400)
+    p.add_argument("--datasets", type=int, default=300)
+    p.add_argument("--bootstrap", type=int, default=200)
     args = p.parse_args()
     worst = 100.0
     t0 = time.time()
