@@ -29,7 +29,7 @@ study = Study(
             axes={"preset": ["vit_b_standin", "vit_l_standin"], "patch_size": [8, 4, 2]},
             fixed={"dataset": "fashion_mnist", "img_size": 32, "in_chans": 1, "batch_size": 64,
                    "probe_train_size": 1500, "probe_eval_size": 750, "log_every_steps": 10},
-            budget=Budget(steps=90),
+            budget=Budget(steps=80),
         ),
         "cluster": Profile(
             description="ViT-B/16 and ViT-L/16 sizes at 224 px; L = 49, 196, 784 (patch 32, 16, 8)",
