@@ -23,6 +23,7 @@ FORMULAS = {
 }
 SYMBOLS = {"alpha": "α", "beta": "β"}
 Y_MARGIN = 0.75  # data spans of room beyond the observed y, above and below
+X_MARGIN = 0.25  # data spans of room beyond the observed x, left and right
 HELD_OUT_OFFSET_INCH = 0.1  # draw the prediction beside the actual held-out point, not on it
 
 
@@ -158,6 +159,25 @@ def _limit_y_to_data(ax: Axes, curve: StudyCurve, log: bool) -> None:
                 transform=ax.transAxes, fontsize=7, color="grey", va="bottom")
 
 
+def _limit_x_to_data(ax: Axes, curve: StudyCurve, log: bool) -> None:
+    """A vertex or turning-point interval far wider than the data would squeeze
+    the points into a corner: the x axis reaches at most X_MARGIN data spans
+    beyond them (predictions included), which a note says."""
+    xs = np.concatenate([g.x.ravel() for g in curve.groups.values()])
+    lo, hi = float(xs.min()), float(xs.max())
+    if log:
+        ratio = hi / lo if hi > lo else 2.0
+        limits = lo / ratio ** X_MARGIN, hi * ratio ** X_MARGIN
+    else:
+        span = (hi - lo) or abs(hi) * 0.1 or 1.0
+        limits = lo - span * X_MARGIN, hi + span * X_MARGIN
+    shown = ax.get_xlim()
+    if shown[0] < limits[0] or shown[1] > limits[1]:
+        ax.set_xlim(max(shown[0], limits[0]), min(shown[1], limits[1]))
+        ax.text(0.01, 0.05, "x axis limited to the data; wider intervals run off it (see the legend)",
+                transform=ax.transAxes, fontsize=7, color="grey", va="bottom")
+
+
 def _plot_one_variable(ax: Axes, curve: StudyCurve) -> None:
     spec = curve.spec
     for i, g in enumerate(curve.groups.values()):
@@ -166,6 +186,8 @@ def _plot_one_variable(ax: Axes, curve: StudyCurve) -> None:
         _plot_frontier(ax, curve)
     if spec.log_x:
         ax.set_xscale("log")
+    _limit_x_to_data(ax, curve, spec.log_x)
+    if spec.log_x:
         _plain_log_ticks(ax.xaxis, ax.get_xlim())
     log_y = spec.law in POWER_LAWS and not spec.higher_is_better
     if log_y:
