@@ -18,12 +18,10 @@ from ray.tune.experiment import Trial
 from orchestrator.outbox import Outbox
 from orchestrator.planning import tuned_params
 from orchestrator.relay import finish_relay
-
-from orchestrator.storage import Storage
+from orchestrator.storage import RESULTS_FILE, Storage
 from orchestrator.tracking import log_metrics, set_tags
 from trainers.config import TrainConfig
 
-RESULTS_FILE = "results.parquet"
 FINAL_METRICS = ("loss", "first_loss", "flops", "images_per_s", "probe_top1", "knn_top1", "eval_loss",
                  "resumed_from_step", "step_metrics_lost")
 STATUSES = ("finished", "stopped_early", "diverged", "failed")

@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 
 from trainers.filesystems import resolve_filesystem, write_atomic
 
+RESULTS_FILE = "results.parquet"  # one row per ended trial (orchestrator/results.py)
+
 
 class StorageError(RuntimeError):
     pass

@@ -134,3 +134,43 @@ def mlflow_server(tmp_path_factory):
         yield MlflowServer(uri, str(root / "artifacts"))
     finally:
         stop_process_group(proc)
+
+
+# --------------------------------------------------------------------------- a finished study
+
+@dataclass(frozen=True)
+class FinishedStudy:
+    """What `run` left of tests/studies/tiny_grid.py: its storage folder, its
+    terminal output, study.json, results.parquet and its curve's JSON."""
+
+    storage: object  # pathlib.Path of the storage root
+    tracking_uri: str
+    out: str
+    state: dict
+    rows: object  # pandas DataFrame
+    curve: dict
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """tests/studies/tiny_grid.py run to its end by the CLI (minutes here), with a sqlite MLflow store."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path_factory.mktemp("tiny_study")
+    storage, tracking = root / "storage", f"sqlite:///{root}/mlflow.db"
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "run", "tests/studies/tiny_grid.py",
+                           "--storage", str(storage), "--tracking-uri", tracking], cwd=repo, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "COLUMNS": "250"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = storage / "tiny_grid"
+    return FinishedStudy(storage, tracking, done.stdout + done.stderr,
+                         json.loads((folder / "study.json").read_text()),
+                         pq.read_table(folder / "results.parquet").to_pandas(),
+                         json.loads((folder / "curves" / "eval_loss_vs_seq_len.json").read_text()))
