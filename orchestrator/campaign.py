@@ -17,8 +17,8 @@ from rich.console import Console
 
 from orchestrator import preflight
 from orchestrator.planning import Plan, make_plan
-from orchestrator.saved_state import (STATE_FILE, TUNE_FOLDER, check_tune_state, read_state, study_fields,
-                                      study_for_resume)
+from orchestrator.saved_state import (STATE_FILE, TUNE_FOLDER, check_tune_state, plan_fields, read_state,
+                                      study_fields, study_for_resume)
 from orchestrator.storage import Storage
 from orchestrator.study import Study, StudyError, load_study
 from orchestrator.study_lock import StudyLock
@@ -200,10 +200,10 @@ def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking
             "objective": f"{study.objective.metric} ({study.objective.mode})",
             "tuned": ",".join(study.tune) or "none",
         })
-        state = {"name": name, **study_fields(study, study_path), "profile": profile, "storage": storage_uri,
-                 "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.info.run_id,
-                 "created": time.time(), "trials": plan.trials, "planned_flops": plan.total_flops,
-                 "git_commit": git_commit()}
+        state = {"name": name, **study_fields(study, study_path), **plan_fields(plan), "profile": profile,
+                 "storage": storage_uri, "tracking_uri": uri, "experiment_id": exp_id,
+                 "parent_run_id": parent.info.run_id, "created": time.time(), "trials": plan.trials,
+                 "planned_flops": plan.total_flops, "git_commit": git_commit()}
         storage.write_json(f"{name}/{STATE_FILE}", state)
         return _execute(plan, state, storage, client, max_concurrent, console, restore=False,
                         log_path=log_path)

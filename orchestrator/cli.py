@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--address", default=None)
     res.add_argument("--max-concurrent", type=_positive_int, default=None)
 
-    st = sub.add_parser("status", help="trials by status, best objective per cell, compute spent")
+    st = sub.add_parser("status", help="per cell: trials ended of planned, best objective and its trial, "
+                                       "compute spent of planned; the fitted curves' laws")
     st.add_argument("name")
     _common(st, tracking=False)
 

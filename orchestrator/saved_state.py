@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.curves import CurveSpec, spec_from_dict
+from orchestrator.planning import Plan, make_plan
 from orchestrator.storage import Storage
 from orchestrator.study import Objective, Study, StudyError, load_study
 
@@ -30,6 +31,12 @@ def study_fields(study: Study, path: str) -> dict:
     return {"study_path": str(path), "study_source": source,
             "study_sha256": hashlib.sha256(source.encode()).hexdigest(),
             "objective": study.objective.model_dump(), "curves": [c.model_dump(mode="json") for c in study.curves]}
+
+
+def plan_fields(plan: Plan) -> dict:
+    """The parts of study.json that `status` weighs each cell's progress against."""
+    return {"trials_per_cell": plan.study.trials_per_cell, "replicates": plan.study.replicates,
+            "cell_flops_per_trial": {c.id: c.flops_per_trial for c in plan.cells}}
 
 
 def read_state(name: str, storage_uri: str) -> dict:
@@ -52,6 +59,13 @@ def curves_of(state: dict) -> list[CurveSpec]:
     if "curves" not in state:
         return study_for_resume(state)[0].curves
     return [spec_from_dict(c) for c in state["curves"]]
+
+
+def plan_of(state: dict) -> dict:
+    if "cell_flops_per_trial" not in state:  # a study.json written before the plan was kept
+        study, path = study_for_resume(state)
+        return plan_fields(make_plan(study, state["profile"], path))
+    return {k: state[k] for k in ("trials_per_cell", "replicates", "cell_flops_per_trial")}
 
 
 def study_for_resume(state: dict, path: Optional[str] = None) -> tuple[Study, str]:
