@@ -16,6 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrator.planning import tuned_params
 from orchestrator.relay import TrialRun, start_relay
 from orchestrator.storage import Storage
+from orchestrator.system_metrics import SystemMetrics
 from trainers.config import TrainConfig
 from trainers.launch import build_trainer
 
@@ -38,6 +39,11 @@ def trial_tags(ctx: TrialContext, config: dict) -> dict:
             "replicate": config["replicate"], "role": config.get("role", "tune"), "git_commit": ctx.git_commit}
 
 
+def system_metrics_callbacks(cfg: TrainConfig, relay) -> list:
+    """On GPUs, the Train run's system metrics go to the trial's relay."""
+    return [SystemMetrics(relay)] if cfg.use_gpu else []
+
+
 class RunTrial:
     """The Tune trainable: config: see planning.TRIAL_KEYS, and the tuned parameters."""
 
@@ -52,7 +58,7 @@ class RunTrial:
         run = TrialRun(ctx.experiment_id, ctx.parent_run_id, trial_id, f"{config['cell']} #{config['replicate']}",
                        trial_tags(ctx, config), {**cfg.resolved(), **tuned})
         path, fs = Storage(ctx.storage_uri).ray_storage(ctx.study, "trials")
-        trainer = build_trainer(cfg, path, trial_id, storage_filesystem=fs,
-                                step_sink=start_relay(ctx.tracking_uri, ctx.study, run),
-                                callbacks=[TuneReportCallback()])
+        relay = start_relay(ctx.tracking_uri, ctx.study, run)
+        trainer = build_trainer(cfg, path, trial_id, storage_filesystem=fs, step_sink=relay,
+                                callbacks=[TuneReportCallback(), *system_metrics_callbacks(cfg, relay)])
         trainer.fit()
