@@ -22,7 +22,8 @@ from orchestrator.saved_state import (STATE_FILE, TUNE_FOLDER, check_tune_state,
 from orchestrator.storage import Storage
 from orchestrator.study import Study, StudyError, load_study
 from orchestrator.study_lock import StudyLock
-from orchestrator.tracking import check_tracking, default_tracking_uri, experiment_id, git_commit, log_params
+from orchestrator.tracking import (check_tracking, default_tracking_uri, experiment_id, git_commit, log_params,
+                                   ui_hint)
 from orchestrator.trial import TrialContext
 
 # Tune reports every Train report (checkpoints too); only evaluation points carry
@@ -255,6 +256,7 @@ def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: 
     limit = concurrency(plan, max_concurrent)
     console.print(f"[bold]{ctx.study}[/bold] ({ctx.profile}): {len(plan.cells)} cells x "
                   f"{plan.study.trials_in_cell} trials, {limit} at a time; Ray log: {log_path}")
+    console.print(ui_hint(ctx.tracking_uri, ctx.experiment_id), soft_wrap=True)
     callbacks = [recorder, progress, PlacementGroupSweeper()]
     _tuner(plan, ctx, storage, callbacks, limit, restore).fit()
     state["unwritten"] = recorder.close(parent_status="FINISHED")

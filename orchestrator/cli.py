@@ -16,7 +16,7 @@ from orchestrator.planning import CostModel, Plan, make_plan
 from orchestrator.preflight import PreflightError
 from orchestrator.storage import StorageError
 from orchestrator.study import StudyError, load_study
-from orchestrator.tracking import TrackingError
+from orchestrator.tracking import TrackingError, ui_hint
 
 DEFAULT_STORAGE = "runs"
 
@@ -169,7 +169,7 @@ def _finish(state: dict, args, console: Console) -> int:
         return 1
     fit_study(state, args.storage, console)
     console.print(f"results: {args.storage}/{state['name']}/results.parquet; "
-                  f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}")
+                  f"{ui_hint(state['tracking_uri'], state['experiment_id'])}", soft_wrap=True)
     rows = ResultsTable(Storage(args.storage), state["name"]).rows.values()
     lost = sum(r.get("step_metrics_lost") or 0 for r in rows)
     if lost:

@@ -77,9 +77,30 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: Optional[s
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    # the kind tells MLflow 3's UI to open on runs and charts, not on GenAI traces
+    # The kind makes the UI of earlier MLflow 3 releases (3.3 was checked), which a
+    # tracking server may run, open on runs and charts, not on GenAI traces; later
+    # UIs ignore it (see experiment_url).
     return client.create_experiment(name, artifact_location=artifact_location,
                                     tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def experiment_url(tracking_uri: str, exp_id: str) -> str:
+    """The experiment's runs table in MLflow's UI: on the tracking server, or where
+    `mlflow ui` serves a local store by default.
+
+    MLflow 3.17's UI opens an experiment in the view its GenAI / Model training
+    toggle last showed in that browser (GenAI at first), whatever the experiment's
+    tags say; a link that names the view (`workflowType`) opens on the runs."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def ui_hint(tracking_uri: str, exp_id: str) -> str:
+    """How to look at a study in MLflow's UI, in one line."""
+    url = experiment_url(tracking_uri, exp_id)
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: {url}"
+    return f"MLflow: `mlflow ui --backend-store-uri {tracking_uri}`, then {url}"
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
