@@ -393,8 +393,12 @@ def test_local_storage_needs_a_single_node(tmp_path, nodes, resources, refused):
 def two_nodes(s3_server):
     """A head and a worker node of 1 CPU each, no GPU, no autoscaler. Its processes
     inherit the S3 variables: anything that reached storage would reach moto."""
+    import ray
     from ray.cluster_utils import Cluster
 
+    # An in-process refusal that came after Ray started leaves it connected here;
+    # a second Ray in this process cannot start its head node.
+    ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
