@@ -41,12 +41,20 @@ def _fit_label(group: str, fit: FitResult) -> str:
     return f"{group}: " + ", ".join(f"{SYMBOLS[n]} = {_interval(fit.params[n], fit.ci[n])}" for n in exponents)
 
 
+def _band_drawn(g: GroupCurve) -> bool:
+    """With one degree of freedom left, Student's t makes a band wide enough to
+    cover the plot and hide the other groups: its numbers stay in the legend."""
+    return g.fit is not None and g.fit.diagnostics.dof >= 2
+
+
 def _group_label(g: GroupCurve) -> str:
     if g.fit is not None:
         label = _fit_label(g.group, g.fit)
         if g.turning_point is not None:
             tp = g.turning_point
             label += f"\n    turning point at x = {_interval(tp.x, tp.ci)}" + ("" if tp.confident else " (not confident)")
+        if not _band_drawn(g):
+            label += f"\n    no band drawn: {g.fit.diagnostics.dof} degree of freedom"
         return label
     if g.error:
         return textwrap.fill(f"{g.group}: no fit ({g.error})", 48)
@@ -73,7 +81,8 @@ def _plot_group(ax: Axes, g: GroupCurve, color: str) -> None:
         return
     fitted = g.samples()
     ax.plot(fitted["x"], fitted["fit"], color=color, lw=1.5)
-    ax.fill_between(fitted["x"], fitted["band_low"], fitted["band_high"], color=color, alpha=0.15, lw=0)
+    if _band_drawn(g):
+        ax.fill_between(fitted["x"], fitted["band_low"], fitted["band_high"], color=color, alpha=0.15, lw=0)
     if g.holdout is not None:
         h = g.holdout
         ax.plot(h.x, h.actual, marker="*", ms=13, color=color, mec="black", ls="none", zorder=4)
