@@ -70,6 +70,7 @@ study = Study(
     }},
     tune={{"base_lr": LogUniform(low=1e-3, high=1e-2)}},
     trials_per_cell=1,
+    replicates=0,  # two trials: the seeds of a cell's best are tested on one node
     objective=Objective(metric="eval_loss", mode="min"),
     evaluations=1,
     early_stopping=False,
