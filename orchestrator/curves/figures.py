@@ -235,10 +235,13 @@ def _plot_isoflop_optimum(ax: Axes, curve: StudyCurve) -> None:
     power law with its band, and the held-out budget's prediction beside it."""
     iso = curve.isoflop
     for i, b in enumerate(iso.budgets):
+        if not b.used:  # its vertex is an extrapolation, and its interval spans decades
+            ax.plot(b.compute, b.n_opt, "x", ms=7, color=f"C{i % 10}",
+                    label=f"budget {b.budget:g}: no interior minimum (vertex, left out)")
+            continue
         lo, hi = b.n_opt_ci
         ax.errorbar(b.compute, b.n_opt, yerr=[[max(0.0, b.n_opt - lo)], [max(0.0, hi - b.n_opt)]], fmt="o",
-                    ms=6, capsize=3, color=f"C{i % 10}", mfc="white" if not b.used else None,
-                    label=f"budget {b.budget:g}" + ("" if b.used else " (no interior minimum)"))
+                    ms=6, capsize=3, color=f"C{i % 10}", label=f"budget {b.budget:g}")
     if iso.n_opt is not None:
         c = np.geomspace(min(b.compute for b in iso.budgets) / 2, max(b.compute for b in iso.budgets) * 2, 50)
         lo, hi = iso.n_opt.predict_interval(c, iso.level)
@@ -255,6 +258,7 @@ def _plot_isoflop_optimum(ax: Axes, curve: StudyCurve) -> None:
                     label="largest budget predicted from the smaller ones")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels overlapped within a decade
     ax.set_xlabel("compute (training FLOPs, counted from the model)")
     ax.set_ylabel(f"optimal {curve.spec.x}")
     ax.set_title("compute-optimal model size", fontsize=11)

@@ -153,14 +153,16 @@ def _budget_optimum(budget: float, group, part: pd.DataFrame, spec: IsoFlopSpec)
     log_n = np.log(part[spec.size].to_numpy(float))
     log_d = np.log(part[spec.data].to_numpy(float))
     order = np.argsort(log_n)
-    s = _vertex_samples(fit)
+    with np.errstate(over="ignore"):  # a nearly flat resample's vertex is far out: inf
+        s = _vertex_samples(fit)
+        n_samples = np.exp(s)
     d = np.exp(np.interp(s, log_n[order], log_d[order], left=np.nan, right=np.nan))
     v = np.log(fit.vertex) if fit.vertex and fit.vertex > 0 else np.nan
     opt = BudgetOptimum(
         budget=budget, compute=float(part[spec.compute].mean()), n_opt=float(np.exp(v)),
         n_opt_ci=tuple(map(float, fit.vertex_ci)),
         d_opt=float(np.exp(np.interp(v, log_n[order], log_d[order]))), y_opt=float(fit.predict([np.exp(v)])[0]),
-        n_samples=np.exp(s), d_samples=d)
+        n_samples=n_samples, d_samples=d)
     lo, hi = log_n.min(), log_n.max()
     if not fit.vertex_is_optimum or not lo <= v <= hi:
         opt.flags.append("no interior minimum: the runs do not bracket this budget's optimum; "
