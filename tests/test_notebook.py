@@ -48,6 +48,9 @@ def test_notebook_loads_a_study_kept_on_s3(tiny_study, s3_server):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    existing = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    if s3_server.bucket not in existing:  # an earlier test reset the shared moto server
+        s3.create_bucket(Bucket=s3_server.bucket)
     for name in ("study.json", "results.parquet"):
         s3.upload_file(str(tiny_study.storage / "tiny_grid" / name), s3_server.bucket, f"studies/tiny_grid/{name}")
     _same_results(tiny_study, _notebook(s3_server.uri("studies"), s3_server.env))
