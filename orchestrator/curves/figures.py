@@ -150,41 +150,35 @@ def _observed_range(curve: StudyCurve) -> tuple[float, float]:
     return float(np.nanmin(ys)), float(np.nanmax(ys))
 
 
-def _limit_y_to_data(ax: Axes, curve: StudyCurve, log: bool) -> None:
-    """Keep the observed points readable: the y axis reaches at most Y_MARGIN data
-    spans beyond them, and a wider band or interval runs off the plot (its numbers
-    are in the legend), which a note says."""
-    lo, hi = _observed_range(curve)
+def _limit_axis(ax: Axes, which: str, lo: float, hi: float, log: bool, margin: float, note: str) -> None:
+    """Keep the observed points readable: axis `which` ("x" or "y") reaches at most
+    `margin` data spans beyond [lo, hi]; a wider band or interval runs off the plot
+    (its numbers are in the legend), which `note` says."""
     if log:
         ratio = (hi / lo) if hi > lo else 2.0
-        limits = lo / ratio ** Y_MARGIN, hi * ratio ** Y_MARGIN
+        limits = lo / ratio ** margin, hi * ratio ** margin
     else:
         span = (hi - lo) or abs(hi) * 0.1 or 1.0
-        limits = lo - span * Y_MARGIN, hi + span * Y_MARGIN
-    shown = ax.get_ylim()
+        limits = lo - span * margin, hi + span * margin
+    get, set_ = (ax.get_xlim, ax.set_xlim) if which == "x" else (ax.get_ylim, ax.set_ylim)
+    shown = get()
     if shown[0] < limits[0] or shown[1] > limits[1]:
-        ax.set_ylim(max(shown[0], limits[0]), min(shown[1], limits[1]))
-        ax.text(0.01, 0.01, "y axis limited to the data; wider intervals run off it",
-                transform=ax.transAxes, fontsize=7, color="grey", va="bottom")
+        set_(max(shown[0], limits[0]), min(shown[1], limits[1]))
+        ax.text(0.01, 0.05 if which == "x" else 0.01, note, transform=ax.transAxes, fontsize=7, color="grey",
+                va="bottom")
+
+
+def _limit_y_to_data(ax: Axes, curve: StudyCurve, log: bool) -> None:
+    _limit_axis(ax, "y", *_observed_range(curve), log, Y_MARGIN,
+                "y axis limited to the data; wider intervals run off it")
 
 
 def _limit_x_to_data(ax: Axes, curve: StudyCurve, log: bool) -> None:
     """A vertex or turning-point interval far wider than the data would squeeze
-    the points into a corner: the x axis reaches at most X_MARGIN data spans
-    beyond them (predictions included), which a note says."""
+    the points into a corner."""
     xs = np.concatenate([g.x.ravel() for g in curve.groups.values()])
-    lo, hi = float(xs.min()), float(xs.max())
-    if log:
-        ratio = hi / lo if hi > lo else 2.0
-        limits = lo / ratio ** X_MARGIN, hi * ratio ** X_MARGIN
-    else:
-        span = (hi - lo) or abs(hi) * 0.1 or 1.0
-        limits = lo - span * X_MARGIN, hi + span * X_MARGIN
-    shown = ax.get_xlim()
-    if shown[0] < limits[0] or shown[1] > limits[1]:
-        ax.set_xlim(max(shown[0], limits[0]), min(shown[1], limits[1]))
-        ax.text(0.01, 0.05, "x axis limited to the data; wider intervals run off it (see the legend)",
-                transform=ax.transAxes, fontsize=7, color="grey", va="bottom")
+    _limit_axis(ax, "x", float(xs.min()), float(xs.max()), log, X_MARGIN,
+                "x axis limited to the data; wider intervals run off it (see the legend)")
 
 
 def _plot_one_variable(ax: Axes, curve: StudyCurve) -> None:
