@@ -225,16 +225,17 @@ def _held_out(used: list[BudgetOptimum], frame: pd.DataFrame, spec: IsoFlopSpec,
                          y_opt_interval=(float(y_lo[0]), float(y_hi[0])), actual_y_opt=largest.y_opt)
 
 
-def fit_isoflop_optimum(curve, frame: pd.DataFrame, spec: IsoFlopSpec, *, bootstrap: int, seed: int,
-                        level: float) -> IsoFlopOptimum:
-    """The optimum per budget and its laws, from a fitted per-budget curve."""
+def fit_isoflop_optimum(curve, frame: pd.DataFrame, budgets: dict[str, tuple[float, pd.DataFrame]],
+                        spec: IsoFlopSpec, *, bootstrap: int, seed: int, level: float) -> IsoFlopOptimum:
+    """The optimum per budget and its laws, from a fitted per-budget curve; `budgets`
+    gives each of its groups' budget and rows by the group's label."""
     result = IsoFlopOptimum(budgets=[], level=level)
     for label, group in curve.groups.items():
-        part = frame[frame[spec.budget].map(lambda v: f"{v:g}") == label]
         if group.fit is None or group.fit.n_bootstrap == 0:
             result.notes.append(f"budget {label}: no parabola with an interval ({group.error or group.fit.interval_note})")
             continue
-        result.budgets.append(_budget_optimum(float(label), group, part, spec))
+        budget, part = budgets[label]
+        result.budgets.append(_budget_optimum(float(budget), group, part, spec))
     result.budgets.sort(key=lambda b: b.compute)
     used = [b for b in result.budgets if b.used]
     if len(used) >= 2:

@@ -199,32 +199,51 @@ def _group_label(spec: CurveSpec, value: Any) -> str:
                      for col, v in zip(spec.group_columns, value))
 
 
-def _fit_one(spec: CurveSpec, frame: pd.DataFrame, objective: tuple[str, str], *, bootstrap: int,
-             seed: int, level: float) -> StudyCurve:
-    result = StudyCurve(spec=spec)
+def _point_rows(result: StudyCurve, frame: pd.DataFrame, objective: tuple[str, str]) -> pd.DataFrame | None:
+    """The rows of the table that make the curve's points; None, with the curve's
+    error set, where there are none."""
+    spec = result.spec
     needed = spec.x_columns + [spec.y] + spec.group_columns
     # the objective picks a cell's best configuration, where anything was tuned
     missing = [c for c in needed + [objective[0]] * bool(tuned_names(frame)) if c not in frame.columns]
     if missing:
         result.error = f"columns not in the table: {', '.join(missing)}"
-        return result
-    frame, result.point_rule = point_trials(frame, spec, *objective)
-    frame = frame.dropna(subset=needed)
-    if frame.empty:
+        return None
+    rows, result.point_rule = point_trials(frame, spec, *objective)
+    rows = rows.dropna(subset=needed)
+    if rows.empty:
         result.error = "no finished trials with these columns"
-        return result
+        return None
+    return rows
+
+
+def _fit_groups(result: StudyCurve, rows: pd.DataFrame, *, bootstrap: int, seed: int,
+                level: float) -> dict[str, tuple[Any, pd.DataFrame]]:
+    """Fit every group of the curve; returns each group's value and rows by its label."""
+    spec = result.spec
     turning = spec.law in POWER_LAWS and isinstance(spec.x, str)
     by = spec.group_columns[0] if isinstance(spec.group_by, str) else spec.group_columns
-    parts = frame.groupby(by, sort=False) if spec.group_by else [(NO_GROUP, frame)]
+    parts = rows.groupby(by, sort=False) if spec.group_by else [(NO_GROUP, rows)]
+    groups = {}
     for value, part in sorted(parts, key=lambda item: _group_key(item[0])):
         x = part[spec.x_columns].to_numpy(float)
         label = _group_label(spec, value)
+        groups[label] = value, part
         result.groups[label] = _fit_group(
             spec, label, x[:, 0] if isinstance(spec.x, str) else x, part[spec.y].to_numpy(float),
             bootstrap=bootstrap, seed=seed, level=level, turning=turning,
             trial_ids=part["trial_id"].astype(str).tolist() if "trial_id" in part else None)
-    if spec.frontier:
-        _add_frontier(result, bootstrap=bootstrap, seed=seed, level=level)
+    return groups
+
+
+def _fit_one(spec: CurveSpec, frame: pd.DataFrame, objective: tuple[str, str], *, bootstrap: int,
+             seed: int, level: float) -> StudyCurve:
+    result = StudyCurve(spec=spec)
+    rows = _point_rows(result, frame, objective)
+    if rows is not None:
+        _fit_groups(result, rows, bootstrap=bootstrap, seed=seed, level=level)
+        if spec.frontier:
+            _add_frontier(result, bootstrap=bootstrap, seed=seed, level=level)
     return result
 
 
@@ -245,10 +264,11 @@ def _add_frontier(result: StudyCurve, *, bootstrap: int, seed: int, level: float
 
 
 def _fit_isoflop(spec: IsoFlopSpec, frame: pd.DataFrame, objective: tuple[str, str], **opts) -> StudyCurve:
-    curve = _fit_one(spec.parabolas(), frame, objective, **opts)
-    if curve.error is None:
-        rows, _ = point_trials(frame, curve.spec, *objective)
-        curve.isoflop = fit_isoflop_optimum(curve, rows, spec, **opts)
+    curve = StudyCurve(spec=spec.parabolas())
+    rows = _point_rows(curve, frame, objective)
+    if rows is not None:
+        budgets = _fit_groups(curve, rows, **opts)
+        curve.isoflop = fit_isoflop_optimum(curve, rows, budgets, spec, **opts)
     return curve
 
 
