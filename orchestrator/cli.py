@@ -15,7 +15,7 @@ from rich.table import Table
 from orchestrator.planning import CostModel, Plan, make_plan
 from orchestrator.preflight import PreflightError
 from orchestrator.storage import StorageError
-from orchestrator.study import StudyError, load_study
+from orchestrator.study import PROFILES, StudyError, load_study
 from orchestrator.tracking import TrackingError, ui_hint
 
 DEFAULT_STORAGE = "runs"
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a study file as a Ray Tune + Optuna campaign")
     run.add_argument("study", help="path to a study file, e.g. studies/seq_len_scaling.py")
-    run.add_argument("--profile", choices=("local", "cluster"), default=None,
+    run.add_argument("--profile", choices=PROFILES, default=None,
                      help="default: local when the Ray cluster has no GPU, cluster otherwise")
     _common(run)
     run.add_argument("--address", default=None, help="Ray address, e.g. auto (default: start Ray here)")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="cells, trials, FLOPs and cluster cost of a study, without Ray")
     plan.add_argument("study")
-    plan.add_argument("--profile", choices=("local", "cluster"), default="local")
+    plan.add_argument("--profile", choices=PROFILES, default="local")
     cost = CostModel()
     plan.add_argument("--gpu-tflops", type=float, default=cost.gpu_tflops, help="peak GPU TFLOP/s (bf16)")
     plan.add_argument("--mfu", type=float, default=cost.mfu, help="model FLOPs utilisation assumed")

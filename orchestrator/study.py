@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.curves import CurveSpec, IsoFlopSpec, x_is_searched
 from trainers.config import TrainConfig
 
-PROFILES = ("local", "cluster")
+# local: minutes on a laptop's CPU; cluster: the paper-sized run on GPUs; science:
+# a longer CPU run (an hour or two) meant to support a finding at this scale.
+ProfileName = Literal["local", "cluster", "science"]
+PROFILES: tuple[str, ...] = ProfileName.__args__
 
 
 class StudyError(ValueError):
@@ -128,7 +131,7 @@ class Study(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     name: str
     question: str
-    profiles: dict[Literal["local", "cluster"], Profile]
+    profiles: dict[ProfileName, Profile]
     tune: dict[str, Param] = Field(default_factory=dict)  # tuned by Optuna inside each cell
     sampler: Literal["tpe", "random"] = "tpe"
     trials_per_cell: int = 1  # tuning trials of a cell (seeds of it, when nothing is tuned)

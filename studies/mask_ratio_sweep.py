@@ -20,6 +20,13 @@ study = Study(
                    "batch_size": 64, "base_lr": 6e-3, "probe_train_size": 2000, "probe_eval_size": 1000},
             budget=Budget(steps=100),
         ),
+        "science": Profile(
+            description="the local model for 4x the steps, with larger probe sets (docs/findings.md)",
+            axes={"mask_unit": [1, 2]},
+            fixed={"preset": "tiny", "dataset": "fashion_mnist", "img_size": 32, "patch_size": 4,
+                   "batch_size": 64, "base_lr": 6e-3, "probe_train_size": 5000, "probe_eval_size": 2000},
+            budget=Budget(steps=400),
+        ),
         "cluster": Profile(
             description="ViT-B/16 at 224 px (L = 196)",
             axes={"mask_unit": [1, 2]},
