@@ -31,10 +31,13 @@ study = Study(
     question="Objective vs training FLOPs for LoMaR window sizes 5-14 (equal visible patches) and MAE",
     profiles={
         "local": Profile(
-            description="tiny models on Fashion-MNIST at 28 and 42 px, patch 2 (14x14 and 21x21 grids)",
-            axes={"model": ["lomar"], "window_size": [5, 7, 14], "img_size": [28, 42], "steps": [20, 45, 90]},
-            include=[{"model": "mae", "img_size": r, "steps": s} for r in (28, 42) for s in (20, 45, 90)],
-            fixed={"preset": "tiny", "dataset": "fashion_mnist", "patch_size": 2,
+            description="64-d, 3-block encoders on Fashion-MNIST at 28 and 42 px, patch 2 (14x14 and 21x21 "
+                        "grids)",
+            axes={"model": ["lomar"], "window_size": [5, 7, 14], "img_size": [28, 42], "steps": [20, 40, 80]},
+            include=[{"model": "mae", "img_size": r, "steps": s} for r in (28, 42) for s in (20, 40, 80)],
+            # smaller than `tiny` (96-d, 4 blocks): 24 trials of it took 25 minutes here
+            fixed={"preset": "tiny", "embed_dim": 64, "depth": 3, "num_heads": 4, "dataset": "fashion_mnist",
+                   "patch_size": 2,
                    "batch_size": 32, "base_lr": 6e-3, "probe_train_size": 800, "probe_eval_size": 400},
             budget=Budget(steps=80),
         ),
