@@ -4,7 +4,7 @@
 # and write the results under infra/rendered/ (git-ignored), leaving the
 # templates untouched.
 #
-#   bash infra/render.sh aws   # cluster.yaml, iam/*.json (EC2), aws/sg-ingress.json
+#   bash infra/render.sh aws   # cluster-hardened.yaml, iam/*.json (EC2), aws/sg-ingress.json
 #   bash infra/render.sh k8s   # kuberay/raycluster.yaml, iam/ (IRSA + bucket)
 #
 # Every placeholder used by the selected templates must have its variable set
@@ -25,7 +25,7 @@ TARGET="${1:-aws}"
 : "${MIM_K8S_NAMESPACE:=mim}"
 
 case "$TARGET" in
-  aws) TEMPLATES=(cluster.yaml iam/study-bucket-access.json iam/worker-no-infra-writes.json iam/head-autoscaler.json
+  aws) TEMPLATES=(cluster-hardened.yaml iam/study-bucket-access.json iam/worker-no-infra-writes.json iam/head-autoscaler.json
                   iam/ec2-trust-policy.json iam/bucket-policy.json aws/sg-ingress.json) ;;
   k8s) TEMPLATES=(kuberay/raycluster.yaml iam/study-bucket-access.json
                   iam/irsa-trust-policy.json iam/bucket-policy.json) ;;

@@ -1,6 +1,8 @@
-"""Checks of infra/: the Ray cluster launcher config, IAM and network rules,
-the KubeRay manifest and start_mlflow.sh. No AWS account and no network are
-needed: AWS calls go to moto's in-process mock, MLflow runs on loopback."""
+"""Checks of infra/: the hardened Ray cluster launcher config
+(cluster-hardened.yaml, rendered by render.sh), IAM and network rules, the
+KubeRay manifest and start_mlflow.sh. No AWS account and no network are
+needed: AWS calls go to moto's in-process mock, MLflow runs on loopback.
+`ray up infra/cluster.yaml`, as typed, is tests/test_ray_up.py."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-CLUSTER_YAML = INFRA / "cluster.yaml"
+CLUSTER_YAML = INFRA / "cluster-hardened.yaml"
+RENDERED_CLUSTER = "cluster-hardened.yaml"  # its name under the render folder
 RENDER = INFRA / "render.sh"
 START_MLFLOW = INFRA / "start_mlflow.sh"
 KUBERAY = INFRA / "kuberay" / "raycluster.yaml"
@@ -118,7 +121,7 @@ def test_render_fills_every_placeholder_and_stays_valid(rendered):
     for path in rendered.rglob("*"):
         if path.is_file():
             assert not PLACEHOLDER.search(path.read_text()), f"placeholder left in {path}"
-    ray_up_preflight(load_cluster(rendered / "cluster.yaml"))
+    ray_up_preflight(load_cluster(rendered / RENDERED_CLUSTER))
     for path in (rendered / "iam").glob("*.json"):
         json.loads(path.read_text())
     json.loads((rendered / "aws" / "sg-ingress.json").read_text())
@@ -218,7 +221,7 @@ def test_ray_bootstrap_and_node_launch_against_mock_aws(fake_aws, tmp_path):
     s3.put_bucket_policy(Bucket=TEST_VALUES["MIM_STUDY_BUCKET"],
                          Policy=(out / "iam" / "bucket-policy.json").read_text())
 
-    config = bootstrap_aws(ray_up_preflight(load_cluster(out / "cluster.yaml")))
+    config = bootstrap_aws(ray_up_preflight(load_cluster(out / RENDERED_CLUSTER)))
 
     # Ray kept our group and added no rule to it (it would add 0.0.0.0/0:22
     # to a group it creates itself); subnets were filled from the group's VPC.
@@ -365,7 +368,7 @@ def test_every_node_command_is_valid_bash():
 def test_node_environment_file(rendered, tmp_path):
     """Runs the first two setup commands in a throw-away HOME (twice: they must
     be idempotent) and reads the environment every later command gets."""
-    config = load_cluster(rendered / "cluster.yaml")
+    config = load_cluster(rendered / RENDERED_CLUSTER)
     home = tmp_path / "home"
     home.mkdir()
     (home / ".bashrc").write_text("# stock bashrc\n")
@@ -449,6 +452,7 @@ def test_node_setup_pins_every_package_it_installs():
                 todo.append((req.name, tuple(req.extras)))
     setup = "\n".join(str(c) for c in load_cluster()["setup_commands"])
     assert "-c ~/mim.new/infra/constraints.txt" in setup
+    assert "--build-constraints ~/mim.new/infra/constraints.txt" in setup
     assert "uv tool install awscli==" in setup and "MIM_UV_VERSION=0." in setup
     assert "-c /home/ray/mim/infra/constraints.txt" in (INFRA / "kuberay" / "Dockerfile").read_text()
 
