@@ -196,13 +196,15 @@ def test_batches_straddle_epochs_and_labels_follow_images():
     assert torch.allclose(images[:, 0, 4, 4], expected, atol=1e-5)
 
 
-def test_loader_processes_give_the_stream_s_batches_in_order():
+def test_loader_threads_give_the_stream_s_batches_in_order():
     cfg = cfg_of(batch_size=8, num_loader_workers=2)
     stream = data.PretrainStream(cfg, 0, 1, start_step=2)
-    for k, (images, labels) in zip(range(2, 6), data.train_loader(cfg, 0, 1, start_step=2)):
+    loader = data.train_loader(cfg, 0, 1, start_step=2)
+    for k, (images, labels) in zip(range(2, 12), loader):
         want_images, want_labels = stream.batch(k)
         assert images.shape == (8, 1, 32, 32) and labels.shape == (8,)
         assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+    loader.close()
 
 
 # --------------------------------------------------------------------------- image folders
@@ -286,15 +288,19 @@ def write_shards(uri: str, rows_per_file: list[int], hf_struct: bool = False,
     return row_id
 
 
+def every_row(source):
+    return source.take(torch.arange(len(source)))
+
+
 @pytest.mark.parametrize("rows_per_file, hf_struct", [([5, 4, 3], False), ([7], True)])
 def test_parquet_on_s3_workers_get_disjoint_complete_shares(s3_server, rows_per_file, hf_struct):
     uri = s3_server.uri(f"shards-{len(rows_per_file)}")
     total = write_shards(uri, rows_per_file, hf_struct)
-    shares = [data.read_parquet(uri, "train", rank, 2, in_chans=1) for rank in range(2)]
+    shares = [every_row(data.read_parquet(uri, "train", rank, 2, in_chans=1)) for rank in range(2)]
     labels = [share.labels.tolist() for share in shares]
     assert not set(labels[0]) & set(labels[1])
     # Without split names the files are hash-split: train and test together are every row.
-    test = data.read_parquet(uri, "test", in_chans=1).labels.tolist()
+    test = every_row(data.read_parquet(uri, "test", in_chans=1)).labels.tolist()
     assert sorted(labels[0] + labels[1] + test) == list(range(total))
     share = shares[1]
     images = share.crops(torch.arange(len(share)), data.center_boxes, 6)
@@ -307,7 +313,7 @@ def test_parquet_stream_and_eval_with_split_folders(s3_server):
     write_shards(join(uri, "test"), [5], first_id=n_train)
     cfg = cfg_of(dataset="parquet", data_path=uri, workers=2, batch_size=6, img_size=8)
     streams = [data.PretrainStream(cfg, rank, 2) for rank in range(2)]
-    seen = [s.source.labels[torch.cat([s.indices(k) for k in range(2)])].tolist() for s in streams]
+    seen = [torch.cat([s.rows(k).labels for k in range(2)]).tolist() for s in streams]
     assert sorted(seen[0] + seen[1]) == list(range(n_train))  # one epoch each, disjoint
     images, labels = streams[0].batch(0)
     assert images.shape == (3, 1, 8, 8)
@@ -324,3 +330,101 @@ def test_parquet_errors_are_clear(s3_server, tmp_path):
         data.read_parquet(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no Parquet files of split 'test'"):
         data.read_parquet(str(tmp_path), "test")
+
+
+# --------------------------------------------------------------------------- streamed Parquet
+
+def write_noise_shards(folder, files: int, rows_per_file: int, size: int) -> int:
+    """Training Parquet files of incompressible size x size RGB PNGs (row groups of 3),
+    labelled by a running row id; returns the bytes of all images."""
+    os.makedirs(folder, exist_ok=True)
+    rng, total = np.random.default_rng(0), 0
+    for f in range(files):
+        ids = list(range(f * rows_per_file, (f + 1) * rows_per_file))
+        encoded = [png_bytes(rng.integers(0, 256, (size, size, 3), np.uint8)) for _ in ids]
+        total += sum(map(len, encoded))
+        pq.write_table(pa.table({"image": encoded, "label": ids}),
+                       os.path.join(folder, f"train-{f:03d}.parquet"), row_group_size=3)
+    return total
+
+
+def test_parquet_stream_holds_at_most_its_buffer(tmp_path):
+    total = write_noise_shards(tmp_path, files=4, rows_per_file=30, size=56)  # 40 row groups
+    cfg = cfg_of(dataset="parquet", data_path=str(tmp_path), in_chans=3, img_size=16, batch_size=4,
+                 loader_buffer_mb=0.125)
+    bound = 0.125 * 2 ** 20
+    assert total > 6 * bound
+    stream = data.PretrainStream(cfg, 0, 1)
+    groups = stream.source.groups
+    # Arrow's own count of the bytes it holds, beside the reader's: between batches each of
+    # the 4 I/O threads may be decoding a row group (its pages and its arrays)
+    slack = 4 * 2 * max(g.nbytes for g in groups)
+    baseline, held, labels = pa.total_allocated_bytes(), 0, []
+    for k in range(60):  # two epochs of 120 images
+        labels.append(stream.batch(k)[1])
+        held = max(held, pa.total_allocated_bytes() - baseline)
+    assert stream.source.peak_bytes <= bound
+    assert held <= bound + slack, (held, bound)
+    epochs = torch.cat(labels).view(2, 120)
+    assert sorted(epochs[0].tolist()) == sorted(epochs[1].tolist()) == list(range(120))
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled
+    # each epoch reads each row group once (and the next epoch's first window ahead)
+    assert 2 * len(groups) <= stream.source.groups_read < 2 * len(groups) + 10
+
+
+def test_parquet_stream_resumes_exactly_across_windows_and_epochs(tmp_path):
+    write_noise_shards(tmp_path, files=2, rows_per_file=15, size=16)
+    base = dict(dataset="parquet", data_path=str(tmp_path), in_chans=3, img_size=8, batch_size=4,
+                loader_buffer_mb=0.01)  # windows of a few row groups
+    fresh = data.PretrainStream(cfg_of(**base), 0, 1)
+    first = [fresh.batch(k) for k in range(20)]  # 30 images: batches straddle epochs
+    assert len(fresh.epoch(0).groups) > 2
+    resumed = data.train_loader(cfg_of(**base, num_loader_workers=2), 0, 1, start_step=9)
+    for (images, labels), (want_images, want_labels) in zip(resumed, first[9:]):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+    resumed.close()
+
+
+def test_parquet_sample_reads_only_the_row_groups_it_needs(tmp_path):
+    (tmp_path / "train").mkdir()
+    write_shards(str(tmp_path / "train"), [30] * 4)  # 40 row groups of 3 rows
+    source = data.read_parquet(str(tmp_path), "train", in_chans=1)
+    assert len(source.groups) == 40 and source.groups_read == 0  # the footers only
+    few = source.take(source.sample(5, torch.Generator().manual_seed(0)))
+    assert len(few) == 5 and source.groups_read <= 5  # the groups of the rows picked
+    more = data.read_parquet(str(tmp_path), "train", in_chans=1)
+    rows = more.take(more.sample(100, torch.Generator().manual_seed(0)))
+    assert len(set(rows.labels.tolist())) == 100 and more.groups_read <= 34  # 34 x 3 >= 100
+
+
+# --------------------------------------------------------------------------- probe sets
+
+def test_probe_sets_are_read_once_per_study_and_shared_by_its_trials(s3_server):
+    uri = s3_server.uri("probe-data")
+    n_train = write_shards(join(uri, "train"), [6, 6])
+    write_shards(join(uri, "test"), [5], first_id=n_train)
+    cache = resolve_filesystem(s3_server.uri("study", "trials", "probe_sets"))
+    base = dict(dataset="parquet", data_path=uri, probe_train_size=8, probe_eval_size=4)
+    first = data.load_probe_sets(cfg_of(**base, seed=0), cache)
+    uncached = data.load_probe_sets(cfg_of(**base, seed=0))
+    data_fs, root = resolve_filesystem(uri)
+    data_fs.delete_dir(root)  # the other trials of the study read the cache alone
+    again = data.load_probe_sets(cfg_of(**base, seed=3), cache)
+    assert [len(labels) for _, labels in first] == [8, 4]
+    for (x, y), (x2, y2), (x3, y3) in zip(first, again, uncached):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(x, x3) and torch.equal(y, y3)
+    # a trial at another image size decodes the same cached rows at its own size
+    larger = data.load_probe_sets(cfg_of(**base, img_size=16, patch_size=4), cache)
+    assert larger[0][0].shape == (8, 1, 16, 16) and torch.equal(larger[0][1], first[0][1])
+    with pytest.raises(FileNotFoundError):  # another subset is not in the cache
+        data.load_probe_sets(cfg_of(**base, probe_seed=1), cache)
+
+
+def test_cached_fashion_mnist_probe_sets_are_the_uncached_ones(tmp_path, monkeypatch):
+    cfg = cfg_of(probe_train_size=50, probe_eval_size=20, img_size=16, patch_size=4)
+    cache = resolve_filesystem(str(tmp_path / "probe_sets"))
+    plain, cached = data.load_probe_sets(cfg), data.load_probe_sets(cfg, cache)
+    monkeypatch.setattr(data, "read_fashion_mnist", lambda *args: pytest.fail("read the dataset again"))
+    again = data.load_probe_sets(cfg, cache)
+    for (x, y), (x2, y2), (x3, y3) in zip(plain, cached, again):
+        assert torch.equal(x, x2) and torch.equal(x, x3) and torch.equal(y, y2) and torch.equal(y, y3)

@@ -107,3 +107,26 @@ def test_local_ray_starts_no_preemption_watcher(ray_local, tmp_path):
     classes = {a.class_name for a in list_actors(limit=1000)}
     assert "RayTrainWorker" in classes  # the state API sees this run's actors
     assert "PreemptionWatcher" not in classes
+
+
+def test_runs_sharing_a_storage_path_read_the_probe_sets_once(ray_local, tmp_path):
+    """The trials of a study share their Train runs' storage path: the first run keeps
+    the probe subsets there, and a later run (another seed) reads them unchanged."""
+    from trainers.loop import PROBE_CACHE_FOLDER
+
+    run_pretraining(TrainConfig(**SMALL, steps=2, seed=0), str(tmp_path), "first")
+    cached = sorted((tmp_path / PROBE_CACHE_FOLDER).iterdir())
+    assert [p.name.split("-")[0] for p in cached] == ["test", "train"]
+    written = [p.stat().st_mtime_ns for p in cached]
+    result = run_pretraining(TrainConfig(**SMALL, steps=2, seed=1), str(tmp_path), "second")
+    assert result.error is None and "probe_top1" in result.metrics
+    assert sorted((tmp_path / PROBE_CACHE_FOLDER).iterdir()) == cached
+    assert [p.stat().st_mtime_ns for p in cached] == written  # read, not written again
+
+
+def test_loader_threads_follow_the_worker_s_cpus_on_gpus_only():
+    from trainers.resources import loader_threads
+
+    assert loader_threads(TrainConfig(cpus_per_worker=8)) == 1  # the step uses the cores
+    assert loader_threads(TrainConfig(cpus_per_worker=8, use_gpu=True)) == 8  # the step leaves them idle
+    assert loader_threads(TrainConfig(cpus_per_worker=8, use_gpu=True, num_loader_workers=0)) == 0

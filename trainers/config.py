@@ -77,7 +77,14 @@ class TrainConfig(BaseModel):
     dataset: str = "fashion_mnist"
     data_path: Optional[str] = None  # None: the Debian package's folder for fashion_mnist
     augment: bool = True  # MAE's random resized crop (scale 0.2-1) and horizontal flip
-    num_loader_workers: int = 0
+    # background threads that decode and augment training batches ahead of the step (0: the
+    # training thread does it; None: see trainers.resources.loader_threads); the batches are
+    # the same for any number
+    num_loader_workers: Optional[int] = None
+    # encoded training rows a Parquet worker holds at most (its shuffle buffer: two windows,
+    # see trainers.data.PretrainStream); None: 1024. None rather than the number, so that
+    # checkpoints written before this setting existed still resume
+    loader_buffer_mb: Optional[float] = None
 
     # --- optimisation
     steps: int = 100
@@ -221,6 +228,10 @@ def _check(c: TrainConfig) -> None:
     for name in ("steps", "batch_size", "accum_steps", "workers", "cpus_per_worker"):
         if getattr(c, name) < 1:
             bad(name, "must be at least 1")
+    if c.num_loader_workers is not None and c.num_loader_workers < 0:
+        bad("num_loader_workers", "must be 0 or more")
+    if c.loader_buffer_mb is not None and not c.loader_buffer_mb > 0:
+        bad("loader_buffer_mb", f"must be positive, got {c.loader_buffer_mb}")
     if c.batch_size % (c.workers * c.accum_steps):
         bad("batch_size", f"{c.batch_size} is not divisible by workers x accum_steps "
                           f"= {c.workers * c.accum_steps}")

@@ -8,8 +8,9 @@ Sources (`cfg.dataset`)
                  file paths are listed up front and pixels decoded per batch.
   parquet        `*.parquet` files under a local folder or `s3://bucket/prefix`, with
                  columns `image` (PNG/JPEG bytes, or a struct with a `bytes` field as
-                 HF datasets write) and `label`. Each Ray Train worker reads only its
-                 own rows, keeps them encoded in memory and decodes per batch.
+                 HF datasets write) and `label`. Each Ray Train worker streams only
+                 its own rows, a row group at a time, holding at most
+                 cfg.loader_buffer_mb of them (see PretrainStream), and decodes per batch.
 
 Splits are "train" and "test". An image folder with a `train/` subfolder takes
 "test" from `val/` (or `test/`); Parquet files belong to a split when a component
@@ -29,6 +30,7 @@ source feeds in_chans=3 by repeating its channel; RGB feeds in_chans=1 as lumina
 from __future__ import annotations
 
 import contextlib
+import copy
 import gzip
 import hashlib
 import io
@@ -37,8 +39,12 @@ import math
 import os
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,13 +52,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
 from trainers.config import TrainConfig
 from trainers.filesystems import join, resolve_filesystem
+from trainers.loader import Prefetcher
+from trainers.probe_cache import cached_table
+from trainers.resources import loader_threads
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "test")
@@ -143,11 +151,29 @@ def read_fashion_mnist(root: str | None = None,
 # A function from image sizes (B, 2) as (h, w) to crop boxes (B, 4) as (x1, y1, x2, y2).
 BoxSampler = Callable[[torch.Tensor], torch.Tensor]
 
+PIXELS_KEY = b"pixels"  # table metadata of raw pixel rows: their shape "C,H,W"
 
-class ArrayImages:
+
+def _first_of_permutation(count: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(count, generator=gen)[:n]
+
+
+class _HeldWhole:
+    """A source whose every image (or its path) is in memory, in every worker."""
+
+    shard = None
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Indices of n images at random (all if there are fewer)."""
+        return _first_of_permutation(len(self), n, gen)
+
+
+class ArrayImages(_HeldWhole):
     """Decoded images in memory, as one uint8 tensor (N, C, H, W)."""
-
-    shard = None  # every worker holds all of it
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         if images.ndim == 3:
@@ -158,8 +184,18 @@ class ArrayImages:
             raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got {tuple(images.shape)}")
         self.pixels, self.labels = images, labels
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    def take(self, indices: torch.Tensor) -> ArrayImages:
+        """The images at `indices`, as a source of their own."""
+        part = copy.copy(self)
+        part.pixels, part.labels = self.pixels[indices], self.labels[indices]
+        return part
+
+    def to_table(self) -> pa.Table:
+        """Columns image (raw pixels) and label; the pixels' shape is in the metadata."""
+        rows = self.pixels.flatten(1).numpy()
+        table = pa.table({"image": pa.array(list(map(bytes, rows)), pa.large_binary()),
+                          "label": pa.array(self.labels.numpy(), pa.int64())})
+        return table.replace_schema_metadata({PIXELS_KEY: ",".join(map(str, self.pixels.shape[1:]))})
 
     def crops(self, indices: torch.Tensor, boxes_for: BoxSampler, size: int) -> torch.Tensor:
         """The images at `indices` cropped to boxes_for(their sizes) and resized to
@@ -169,20 +205,27 @@ class ArrayImages:
         return resized_crops(batch, boxes_for(sizes), size)
 
 
-class EncodedImages:
+class EncodedImages(_HeldWhole):
     """Images kept encoded, as file paths or PNG/JPEG bytes, and decoded with PIL on demand,
-    as grayscale for in_chans=1 (luminance) and RGB for in_chans=3.
-
-    `shard` is (rank, world_size) when these are the rows of one worker only.
+    as grayscale for in_chans=1 (luminance) and RGB for in_chans=3: an image folder's
+    paths, or rows taken from a Parquet stream.
     """
 
-    def __init__(self, items: pa.ChunkedArray, labels: torch.Tensor, in_chans: int,
-                 shard: tuple[int, int] | None = None):
-        self.items, self.labels, self.shard = items, labels, shard
+    def __init__(self, items: pa.ChunkedArray, labels: torch.Tensor, in_chans: int):
+        self.items, self.labels = items, labels
         self.mode = "L" if in_chans == 1 else "RGB"
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    def take(self, indices: torch.Tensor) -> EncodedImages:
+        """The images at `indices`, still encoded, as a source of their own."""
+        part = copy.copy(self)
+        part.items, part.labels = self.items.take(pa.array(indices.numpy())), self.labels[indices]
+        return part
+
+    def to_table(self) -> pa.Table:
+        """Columns image (encoded bytes; an image folder's files are read) and label."""
+        encoded = [item if isinstance(item, bytes) else _file_bytes(item) for item in self.items.to_pylist()]
+        return pa.table({"image": pa.array(encoded, pa.large_binary()),
+                         "label": pa.array(self.labels.numpy(), pa.int64())})
 
     def crops(self, indices: torch.Tensor, boxes_for: BoxSampler, size: int) -> torch.Tensor:
         """Like ArrayImages.crops, one image at a time: PIL crops and resizes (bicubic,
@@ -206,6 +249,22 @@ class EncodedImages:
         least = math.ceil(size / math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]))
         img.draft(self.mode, (least, least))
         return img
+
+
+def _file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def table_source(table: pa.Table, in_chans: int) -> ArrayImages | EncodedImages:
+    """The source a to_table() table holds (raw pixels when its metadata gives their shape)."""
+    labels = torch.from_numpy(table["label"].to_numpy().astype(np.int64))
+    shape = (table.schema.metadata or {}).get(PIXELS_KEY)
+    if shape is None:
+        return EncodedImages(table["image"], labels, in_chans)
+    c, h, w = map(int, shape.decode().split(","))
+    pixels = np.frombuffer(b"".join(table["image"].to_pylist()), np.uint8).reshape(len(table), c, h, w)
+    return ArrayImages(torch.from_numpy(pixels.copy()).permute(0, 2, 3, 1).squeeze(-1), labels)
 
 
 def read_image_folder(root: str, split: str = "train", in_chans: int = 3) -> EncodedImages:
@@ -242,7 +301,12 @@ def _test_dir(root: str) -> str:
                             f"for the test split")
 
 
+# --------------------------------------------------------------------------- Parquet
+
 _SPLIT_NAME = re.compile(r"(?:^|/)(train|test|val|validation)(?=[/_.-]|$)")
+METADATA_THREADS = 16  # footers are read in parallel: one request each, latency-bound on S3
+PROBE_ROW_GROUPS = 16  # a sample spreads over at least this many row groups (when there are)
+SUBSET_VERSION = 1  # of how fixed subsets are picked: cached subsets picked otherwise are not reused
 
 
 def _split_of(relpath: str) -> str | None:
@@ -261,58 +325,144 @@ def _parquet_files(fs: pafs.FileSystem, root: str, uri: str) -> list[str]:
     return files
 
 
-def _worker_rows(fs: pafs.FileSystem, files: list[str], rank: int,
-                 world_size: int) -> list[tuple[str, int, int | None]]:
-    """(file, first row, end row or None for all) pieces that worker `rank` reads."""
+def _worker_rows(files: list[str], counts: dict[str, int], rank: int,
+                 world_size: int) -> list[tuple[str, int, int]]:
+    """(file, first row, end row) pieces that worker `rank` reads."""
     if len(files) >= world_size:
-        return [(path, 0, None) for path in files[rank::world_size]]
+        return [(path, 0, counts[path]) for path in files[rank::world_size]]
     # Fewer files than workers: split the rows of all files into equal ranges.
-    counts = [pq.read_metadata(path, filesystem=fs).num_rows for path in files]
-    total = sum(counts)
+    total = sum(counts[path] for path in files)
     lo, hi = total * rank // world_size, total * (rank + 1) // world_size
     pieces, offset = [], 0
-    for path, count in zip(files, counts):
-        start, stop = max(lo - offset, 0), min(hi - offset, count)
+    for path in files:
+        start, stop = max(lo - offset, 0), min(hi - offset, counts[path])
         if start < stop:
             pieces.append((path, start, stop))
-        offset += count
+        offset += counts[path]
     return pieces
 
 
-def _read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int | None) -> pa.Table:
-    """Columns image and label of rows [start, stop) of a Parquet file, reading only
-    the row groups they touch; the image column as large_binary, labels as int64."""
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        missing = {"image", "label"} - set(pf.schema_arrow.names)
-        if missing:
-            raise ValueError(f"{path}: Parquet file lacks column(s) {sorted(missing)}; "
-                             f"it has {pf.schema_arrow.names}")
-        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-        stop = pf.metadata.num_rows if stop is None else stop
-        ends = list(itertools.accumulate(sizes))
-        groups = [g for g, end in enumerate(ends) if end > start and end - sizes[g] < stop]
-        first = ends[groups[0]] - sizes[groups[0]] if groups else start
-        table = pf.read_row_groups(groups, columns=["image", "label"])
-    table = table.slice(start - first, stop - start)
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows of one Parquet row group that a reader keeps (its split, its worker's range)."""
+
+    path: str
+    index: int  # of the row group in its file
+    rows: np.ndarray  # kept rows, counted from the row group's first
+    nbytes: int  # uncompressed size of its image and label columns: what reading it holds
+
+
+def _group_bytes(group: pq.RowGroupMetaData) -> int:
+    columns = (group.column(c) for c in range(group.num_columns))
+    return sum(c.total_uncompressed_size for c in columns
+               if c.path_in_schema.split(".")[0] in ("image", "label"))
+
+
+def _image_and_label(table: pa.Table, path: str) -> pa.Table:
+    """Columns image as large_binary (HF datasets' {bytes, path} struct unwrapped) and label as int64."""
     image = table["image"]
     if pa.types.is_struct(image.type) and image.type.get_field_index("bytes") >= 0:
-        image = pc.struct_field(image, "bytes")  # HF datasets' Image feature: {bytes, path}
+        image = pc.struct_field(image, "bytes")
     if not (pa.types.is_binary(image.type) or pa.types.is_large_binary(image.type)):
         raise ValueError(f"{path}: column image must hold encoded image bytes "
                          f"(or a struct with a bytes field), not {image.type}")
-    labels = table["label"].cast(pa.int64())
-    return pa.table({"image": image.cast(pa.large_binary()), "label": labels})
+    return pa.table({"image": image.cast(pa.large_binary()), "label": table["label"].cast(pa.int64())})
+
+
+class ParquetRows:
+    """Rows of Parquet row groups, read when asked for and dropped when told to: a source
+    larger than memory. Row i is the i-th kept row of the groups, in their order.
+    `shard` is (rank, world_size) when these are the rows of one worker only.
+
+    A group is read whole (Parquet's unit of reading), on a pool of I/O threads, and
+    held until `hold` is called without it. `held_bytes` and `peak_bytes` count the
+    groups held (or being read) by their uncompressed size.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, groups: list[RowGroup], in_chans: int,
+                 shard: tuple[int, int] | None = None, io_threads: int = 4):
+        self.fs, self.groups, self.in_chans, self.shard = fs, groups, in_chans, shard
+        self.starts = np.cumsum([0] + [len(g.rows) for g in groups])
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="parquet-io")
+        self._held: dict[int, Future] = {}
+        self.peak_bytes = 0
+        self.groups_read = 0  # counted by the I/O threads, under the lock
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def group_rows(self, group: int) -> torch.Tensor:
+        """Indices of the rows of `group`."""
+        return torch.arange(int(self.starts[group]), int(self.starts[group + 1]))
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(self.groups[g].nbytes for g in self._held)
+
+    def hold(self, groups: Iterable[int]) -> None:
+        """Start reading `groups` that are not held yet; drop every other group."""
+        keep = set(groups)
+        for g in [g for g in self._held if g not in keep]:
+            self._held.pop(g).cancel()
+        for g in keep:
+            self._read_soon(g)
+
+    def _read_soon(self, group: int) -> Future:
+        if group not in self._held:
+            self._held[group] = self._io.submit(self._read, group)
+            self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        return self._held[group]
+
+    def _read(self, group: int) -> pa.Table:
+        g = self.groups[group]
+        with self.fs.open_input_file(g.path) as f:
+            table = pq.ParquetFile(f).read_row_group(g.index, columns=["image", "label"])
+        with self._lock:
+            self.groups_read += 1
+        table = _image_and_label(table, g.path)
+        return table if len(g.rows) == len(table) else table.take(pa.array(g.rows))
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Indices of n rows at random (all if there are fewer), from row groups picked at
+        random: as few as hold n rows, but PROBE_ROW_GROUPS at least. Taking them reads
+        only the groups that hold one, so the cost is bounded by n, not by the dataset;
+        rows of a dataset whose files are sorted by class cover the groups' classes only."""
+        picked, rows = [], 0
+        for g in torch.randperm(len(self.groups), generator=gen).tolist():
+            if rows >= n and len(picked) >= PROBE_ROW_GROUPS:
+                break
+            picked.append(g)
+            rows += len(self.groups[g].rows)
+        candidates = torch.cat([self.group_rows(g) for g in sorted(picked)])
+        return candidates[_first_of_permutation(len(candidates), n, gen)]
+
+    def take(self, indices: torch.Tensor) -> EncodedImages:
+        """The rows at `indices`, in memory; groups not held are read and stay held."""
+        idx = indices.numpy()
+        groups = np.searchsorted(self.starts, idx, side="right") - 1
+        images, labels = [None] * len(idx), np.empty(len(idx), np.int64)
+        reads = {int(g): self._read_soon(int(g)) for g in np.unique(groups)}  # in parallel
+        for g, read in reads.items():
+            table = read.result()
+            where = np.flatnonzero(groups == g)
+            part = table.take(pa.array(idx[where] - self.starts[g]))
+            for i, item in zip(where, part["image"].to_pylist()):
+                images[i] = item
+            labels[where] = part["label"].to_numpy()
+        return EncodedImages(pa.chunked_array([pa.array(images, pa.large_binary())]),
+                             torch.from_numpy(labels), self.in_chans)
 
 
 def read_parquet(uri: str, split: str = "train", rank: int = 0, world_size: int = 1,
-                 in_chans: int = 3) -> EncodedImages:
-    """Worker `rank`'s share of the `split` of the Parquet files under `uri`.
+                 in_chans: int = 3) -> ParquetRows:
+    """Worker `rank`'s share of the `split` of the Parquet files under `uri`, as row
+    groups to read when needed; only the files' footers are read here.
 
     Files are taken in path order. With at least as many files as workers, worker
     r reads files r, r + world_size, ...; otherwise it reads the r-th of
     world_size equal ranges of all rows. The shares are disjoint and together
-    cover the split. Rows stay encoded in memory (about the size of their files).
+    cover the split.
     """
     _check_split(split)
     fs, root = resolve_filesystem(uri)
@@ -325,23 +475,33 @@ def read_parquet(uri: str, split: str = "train", rank: int = 0, world_size: int 
             names = "train" if split == "train" else "test, val or validation"
             raise FileNotFoundError(f"no Parquet files of split {split!r} under {uri} "
                                     f"(looked for paths naming {names})")
-    tables = []
-    for path, start, stop in _worker_rows(fs, files, rank, world_size):
-        table = _read_rows(fs, path, start, stop)
-        if by_hash:
-            rel = path[len(root) + 1:]
-            rows = range(start, start + len(table))
-            keep = [_split_by_hash(f"{rel}#{row}") == split for row in rows]
-            table = table.filter(pa.array(keep, pa.bool_()))
-        tables.append(table)
-    if sum(map(len, tables)) == 0:
+    mine = files[rank::world_size] if len(files) >= world_size else files
+    with ThreadPoolExecutor(METADATA_THREADS) as pool:
+        footers = dict(zip(mine, pool.map(lambda path: pq.read_metadata(path, filesystem=fs), mine)))
+    for path, footer in footers.items():
+        names = footer.schema.to_arrow_schema().names
+        if {"image", "label"} - set(names):
+            raise ValueError(f"{path}: Parquet file lacks column(s) {sorted({'image', 'label'} - set(names))}; "
+                             f"it has {names}")
+    groups = []
+    counts = {path: footer.num_rows for path, footer in footers.items()}
+    for path, start, stop in _worker_rows(files, counts, rank, world_size):
+        first = 0
+        for index in range(footers[path].num_row_groups):
+            meta = footers[path].row_group(index)
+            rows = np.arange(max(start, first), min(stop, first + meta.num_rows))
+            if by_hash:
+                rel = path[len(root) + 1:]
+                rows = rows[np.array([_split_by_hash(f"{rel}#{row}") == split for row in rows], bool)]
+            if len(rows):
+                groups.append(RowGroup(path, index, rows - first, _group_bytes(meta)))
+            first += meta.num_rows
+    if not groups:
         raise ValueError(f"worker {rank} of {world_size} got no rows of split {split!r} from {uri}")
-    rows = pa.concat_tables(tables)
-    labels = torch.tensor(rows["label"].to_numpy())
-    return EncodedImages(rows["image"], labels, in_chans, shard=(rank, world_size))
+    return ParquetRows(fs, groups, in_chans, shard=(rank, world_size))
 
 
-Source = ArrayImages | EncodedImages
+Source = ArrayImages | EncodedImages | ParquetRows
 
 
 def open_source(cfg: TrainConfig, split: str, rank: int = 0, world_size: int = 1) -> Source:
@@ -445,6 +605,7 @@ def eval_batch(source: Source, indices: torch.Tensor, cfg: TrainConfig) -> torch
 # --------------------------------------------------------------------------- training stream
 
 _ORDER, _AUGMENT = 0, 1  # keep the epoch-order and augmentation random streams apart
+DEFAULT_LOADER_BUFFER_MB = 1024.0
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -453,7 +614,24 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
-class PretrainStream(IterableDataset):
+def loader_buffer_bytes(cfg: TrainConfig) -> int:
+    return int((cfg.loader_buffer_mb or DEFAULT_LOADER_BUFFER_MB) * 2 ** 20)
+
+
+@dataclass(frozen=True)
+class _Epoch:
+    """A worker's epoch: the source indices it visits in order, cut into windows whose
+    rows are held in memory together (one window for a source held whole)."""
+
+    order: torch.Tensor
+    ends: np.ndarray  # position just after each window
+    groups: list[list[int]]  # the row groups each window reads
+
+    def window_of(self, position: int) -> int:
+        return int(np.searchsorted(self.ends, position, side="right"))
+
+
+class PretrainStream:
     """Worker `rank`'s training micro-batches, forever, fixed by (cfg, rank, world_size).
 
     Yields (images float32 (B, in_chans, img_size, img_size), labels int64 (B,)) with
@@ -464,12 +642,19 @@ class PretrainStream(IterableDataset):
     starts at micro-batch start_step * cfg.accum_steps and yields exactly what an
     uninterrupted stream yields from there (for the same cfg and world_size).
 
-    Order: the worker's images form an endless run of epochs, each a permutation
-    seeded by (cfg.seed, epoch); micro-batch k holds positions k*B to k*B + B - 1 of
-    that run, so a batch may straddle two epochs. Sources whole in every worker
-    (fashion_mnist, image_folder) share one permutation per epoch, of which worker r
-    takes the r-th of world_size equal slices (the n % world_size left over move
-    with the next shuffle); Parquet workers hold disjoint rows and permute their own.
+    Order: the worker's images form an endless run of epochs; micro-batch k holds
+    positions k*B to k*B + B - 1 of that run, so a batch may straddle two epochs.
+    Sources whole in every worker (fashion_mnist, image_folder) share one permutation
+    per epoch, seeded by (cfg.seed, epoch), of which worker r takes the r-th of
+    world_size equal slices (the n % world_size left over move with the next shuffle).
+    Parquet workers stream disjoint rows that need not fit in memory: an epoch visits
+    the worker's row groups in a permutation seeded by (cfg.seed, epoch, rank), cut
+    into windows of consecutive groups of at most half of cfg.loader_buffer_mb, and
+    permutes the rows inside each window (a shuffle buffer, like WebDataset's or Ray
+    Data's local shuffle, but fixed by the seed, so a restart can jump to any batch).
+    The stream holds the windows of the batch it makes and reads the next one ahead:
+    two windows, at most loader_buffer_mb, are held (a row group larger than half of
+    it is a window of its own; a window should hold at least a micro-batch).
     Augmentation of micro-batch k draws from a generator seeded by (cfg.seed, rank, k).
 
     `source` replaces the dataset of cfg (tests, synthetic data).
@@ -488,22 +673,36 @@ class PretrainStream(IterableDataset):
         if self.source.shard not in (None, (rank, world_size)):
             raise ValueError(f"source holds the rows of worker {self.source.shard}, "
                              f"not of {(rank, world_size)}")
+        self.streamed = isinstance(self.source, ParquetRows)
         self.epoch_len = len(self.source) // (world_size if self.source.shard is None else 1)
         if self.epoch_len == 0:
             raise ValueError(f"{len(self.source)} training images cannot feed {world_size} workers")
-        self._order: tuple[int, torch.Tensor] | None = None  # the last epoch's order, cached
+        self._epochs: dict[int, _Epoch] = {}  # the last two asked for: a batch may straddle them
 
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """Source indices this worker visits in `epoch`, in order."""
-        if self._order is None or self._order[0] != epoch:
-            seed, n = self.cfg.seed, self.epoch_len
-            if self.source.shard is None:
-                perm = torch.randperm(len(self.source), generator=_generator(seed, _ORDER, epoch))
-                order = perm[self.rank * n:(self.rank + 1) * n]
-            else:
-                order = torch.randperm(n, generator=_generator(seed, _ORDER, epoch, self.rank))
-            self._order = (epoch, order)
-        return self._order[1]
+    def epoch(self, epoch: int) -> _Epoch:
+        if epoch not in self._epochs:
+            if len(self._epochs) == 2:
+                del self._epochs[min(self._epochs)]
+            self._epochs[epoch] = self._windows(epoch) if self.streamed else self._whole(epoch)
+        return self._epochs[epoch]
+
+    def _whole(self, epoch: int) -> _Epoch:
+        n = self.epoch_len
+        perm = torch.randperm(len(self.source), generator=_generator(self.cfg.seed, _ORDER, epoch))
+        return _Epoch(perm[self.rank * n:(self.rank + 1) * n], np.array([n]), [[]])
+
+    def _windows(self, epoch: int) -> _Epoch:
+        groups, gen = self.source.groups, _generator(self.cfg.seed, _ORDER, epoch, self.rank)
+        budget, windows, size = loader_buffer_bytes(self.cfg) / 2, [[]], 0
+        for g in torch.randperm(len(groups), generator=gen).tolist():
+            if windows[-1] and size + groups[g].nbytes > budget:
+                windows.append([])
+                size = 0
+            windows[-1].append(g)
+            size += groups[g].nbytes
+        rows = [torch.cat([self.source.group_rows(g) for g in window]) for window in windows]
+        order = torch.cat([r[torch.randperm(len(r), generator=gen)] for r in rows])
+        return _Epoch(order, np.cumsum([len(r) for r in rows]), windows)
 
     def indices(self, micro_step: int) -> torch.Tensor:
         """Source indices of micro-batch `micro_step`, counted from the run's start."""
@@ -512,57 +711,103 @@ class PretrainStream(IterableDataset):
         out = torch.empty(size, dtype=torch.long)
         for epoch in range(int(positions[0]) // length, int(positions[-1]) // length + 1):
             here = positions // length == epoch
-            out[here] = self.epoch_order(epoch)[positions[here] % length]
+            out[here] = self.epoch(epoch).order[positions[here] % length]
         return out
+
+    def _groups_to_hold(self, micro_step: int) -> set[int]:
+        """Row groups of the windows micro-batch `micro_step` lies in, and of the window
+        after them when it lies in one only (read ahead)."""
+        size, length = self.cfg.worker_batch, self.epoch_len
+        first, last = micro_step * size, (micro_step + 1) * size - 1
+        windows = []
+        for epoch in range(first // length, last // length + 1):
+            start, stop = max(first, epoch * length), min(last, (epoch + 1) * length - 1)
+            ep = self.epoch(epoch)
+            windows += [(epoch, w) for w in range(ep.window_of(start % length), ep.window_of(stop % length) + 1)]
+        if len(windows) == 1:
+            epoch, w = windows[0]
+            windows.append((epoch, w + 1) if w + 1 < len(self.epoch(epoch).groups) else (epoch + 1, 0))
+        return {g for epoch, w in windows for g in self.epoch(epoch).groups[w]}
+
+    def rows(self, micro_step: int) -> Source:
+        """The images of micro-batch `micro_step`, in memory, in batch order. A Parquet
+        stream holds their windows and drops the others: ask in order (the training
+        loop and trainers.loader do), or windows are read again."""
+        if self.streamed:
+            self.source.hold(self._groups_to_hold(micro_step))
+        return self.source.take(self.indices(micro_step))
+
+    def make(self, micro_step: int, rows: Source) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `micro_step` from its rows: (images, labels). Safe to call from
+        several threads at once."""
+        every = torch.arange(len(rows))
+        if self.cfg.augment:
+            gen = _generator(self.cfg.seed, _AUGMENT, self.rank, micro_step)
+            return augment_batch(rows, every, self.cfg, gen), rows.labels
+        return eval_batch(rows, every, self.cfg), rows.labels
 
     def batch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch `micro_step`: (images, labels)."""
-        idx = self.indices(micro_step)
-        if self.cfg.augment:
-            gen = _generator(self.cfg.seed, _AUGMENT, self.rank, micro_step)
-            return augment_batch(self.source, idx, self.cfg, gen), self.source.labels[idx]
-        return eval_batch(self.source, idx, self.cfg), self.source.labels[idx]
+        return self.make(micro_step, self.rows(micro_step))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Under a DataLoader with K processes, process j makes micro-batches j, j + K, ...
-        # and the DataLoader hands them out round-robin, which is their order.
-        info = get_worker_info()
-        offset, stride = (0, 1) if info is None else (info.id, info.num_workers)
-        for micro_step in itertools.count(self.first_micro_step + offset, stride):
+        for micro_step in itertools.count(self.first_micro_step):
             yield self.batch(micro_step)
 
 
 def train_loader(cfg: TrainConfig, rank: int, world_size: int,
-                 start_step: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """PretrainStream, made by cfg.num_loader_workers background processes when > 0;
-    the batches and their order are the same either way."""
-    stream = PretrainStream(cfg, rank, world_size, start_step)
-    if cfg.num_loader_workers == 0:
-        return stream
-    return DataLoader(stream, batch_size=None, num_workers=cfg.num_loader_workers)
+                 start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """PretrainStream's batches from `start_step` on, made ahead of the training step by
+    background threads (trainers.loader; how many: trainers.resources.loader_threads),
+    or in the caller's thread when there are none; the batches and their order are the
+    same either way. Call close() on it when done."""
+    stream, threads = PretrainStream(cfg, rank, world_size, start_step), loader_threads(cfg)
+    return Prefetcher(stream, threads) if threads else iter(stream)
 
 
 # --------------------------------------------------------------------------- evaluation
 
-def load_probe_sets(cfg: TrainConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The probes' train and test subsets, picked by cfg.probe_seed (not the run's
-    seed): every trial of a study, its seeds included, is probed on the same images."""
-    return [load_eval_arrays(cfg, split, n, cfg.probe_seed)
-            for split, n in (("train", cfg.probe_train_size), ("test", cfg.probe_eval_size))]
+def eval_arrays(rows: Source, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images held in memory, ready for the model: (float (n, in_chans, S, S), int64 (n,)),
+    without augmentation (see eval_batch)."""
+    every = torch.arange(len(rows))
+    # In chunks, so that only a few full-size images at a time are held as floats.
+    return torch.cat([eval_batch(rows, part, cfg) for part in every.split(256)]), rows.labels
+
+
+def _subset(cfg: TrainConfig, split: str, n: int, seed: int) -> Source:
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    source = open_source(cfg, split)
+    return source.take(source.sample(n, torch.Generator().manual_seed(seed)))
 
 
 def load_eval_arrays(cfg: TrainConfig, split: str, n: int,
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed subset of `split` ready for the model: (float (n, in_chans, S, S), int64 (n,)).
+    """A fixed subset of `split` ready for the model (see eval_arrays): n images picked at
+    random by `seed` (all if there are fewer). Of a Parquet split only the row groups
+    the subset lies in are read (see ParquetRows.sample)."""
+    return eval_arrays(_subset(cfg, split, n, seed), cfg)
 
-    The subset is the first n of a permutation seeded by `seed` (all images if there
-    are fewer), without augmentation (see eval_batch). For parquet, this process
-    reads the whole split.
+
+def load_probe_sets(cfg: TrainConfig, cache: tuple[pafs.FileSystem, str] | None = None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The probes' train and test subsets, picked by cfg.probe_seed (not the run's
+    seed): every trial of a study, its seeds included, is probed on the same images.
+
+    With `cache` (a filesystem and a folder in it), each subset is read from the dataset
+    by the first trial only and kept there, still encoded (so trials that differ in
+    img_size or in_chans share it); the other trials read that file alone.
     """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    source = open_source(cfg, split)
-    pick = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
-    # In chunks, so that only a few full-size images at a time are held as floats.
-    images = torch.cat([eval_batch(source, part, cfg) for part in pick.split(256)])
-    return images, source.labels[pick]
+    subsets = []
+    for split, n in (("train", cfg.probe_train_size), ("test", cfg.probe_eval_size)):
+        if cache is None:
+            rows = _subset(cfg, split, n, cfg.probe_seed)
+        else:
+            key = {"dataset": cfg.dataset, "data_path": cfg.data_path or FASHION_MNIST_DIR,
+                   "split": split, "n": n, "seed": cfg.probe_seed, "picked_by": SUBSET_VERSION}
+            table = cached_table(*cache, f"{split}-{n}", key,
+                                 lambda: _subset(cfg, split, n, cfg.probe_seed).to_table())
+            rows = table_source(table, cfg.in_chans)
+        subsets.append(eval_arrays(rows, cfg))
+    return subsets

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -32,6 +33,7 @@ from trainers.step_log import StepLog
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 DIVERGED_FILE = "diverged.json"
+PROBE_CACHE_FOLDER = "probe_sets"
 # Fields that may differ between a run and the run resuming it.
 RESUMABLE_CHANGES = {"checkpoint_every_steps", "checkpoint_every_minutes", "log_every_steps",
                      "num_loader_workers"}
@@ -152,6 +154,13 @@ def _global_mean(value: float, world: int) -> float:
     return t.item() / world
 
 
+def _probe_cache() -> tuple[pyarrow.fs.FileSystem, str]:
+    """Where the probe subsets are kept: beside the runs in the run's storage, so the
+    trials of a study (whose Train runs share a storage path) read them once."""
+    storage = ray.train.get_context().get_storage()  # a DeveloperAPI: the public API has no storage path
+    return storage.storage_filesystem, f"{storage.storage_fs_path}/{PROBE_CACHE_FOLDER}"
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrainConfig.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
@@ -181,7 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     lead = rank == 0
     probe_sets = None
     if lead:
-        probe_sets = [tuple(t.to(device) for t in pair) for pair in load_probe_sets(cfg)]
+        probe_sets = [tuple(t.to(device) for t in pair) for pair in load_probe_sets(cfg, _probe_cache())]
     log = StepLog(loop_config.get("step_sink") if lead else None,
                   echo=bool(loop_config.get("echo")) and lead, total_steps=cfg.steps)
     stream = iter(train_loader(cfg, rank, world, start_step=progress.step))
@@ -231,4 +240,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "reason": f"diverged: loss {progress.recent_losses[-1]} at step {progress.step}"}
         marker = _diverged_marker(metrics) if lead else None
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(marker) if marker else None)
+    stream.close()
     log.close()
