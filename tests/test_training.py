@@ -109,6 +109,16 @@ def test_local_ray_starts_no_preemption_watcher(ray_local, tmp_path):
     assert "PreemptionWatcher" not in classes
 
 
+def test_a_run_given_the_cluster_gives_its_workers_every_core():
+    from trainers.resources import cpus_per_worker
+
+    assert cpus_per_worker([2], 1) == 2  # this machine: one worker trains on both cores
+    assert cpus_per_worker([2], 2) == 1
+    assert cpus_per_worker([8, 8], 3) == 4  # two workers on one node, one on the other
+    assert cpus_per_worker([16, 4], 2) == 8
+    assert cpus_per_worker([2], 3) == 1  # more workers than cores: Ray queues them, as before
+
+
 def test_runs_sharing_a_storage_path_read_the_probe_sets_once(ray_local, tmp_path):
     """The trials of a study share their Train runs' storage path: the first run keeps
     the probe subsets there, and a later run (another seed) reads them unchanged."""

@@ -3,7 +3,10 @@
     python -m trainers.pretrain --model mae --preset tiny --dataset fashion_mnist --steps 50 --out DIR
 
 Running the same command again with the same --out resumes from the latest
-checkpoint and stops at the same step count.
+checkpoint and stops at the same step count. Without --cpus-per-worker, the
+workers share every CPU of the Ray cluster (of this machine, without --address;
+with --use-gpu, of the GPUs' nodes), and each trains with as many torch threads
+as it has CPUs.
 """
 from __future__ import annotations
 
@@ -60,9 +63,12 @@ def main(argv=None) -> int:
 
     from trainers.launch import run_pretraining
     from trainers.ray_session import init_ray
+    from trainers.resources import cpus_per_worker, node_cpus
 
     os.makedirs(out, exist_ok=True)
     init_ray(address)
+    if "cpus_per_worker" not in args:
+        cfg = TrainConfig(**args, cpus_per_worker=cpus_per_worker(node_cpus(cfg.use_gpu), cfg.workers))
     result = run_pretraining(cfg, os.path.join(out, "ray"), "pretrain", echo=True)
     metrics = dict(result.metrics or {})
     metrics["steps"] = metrics.pop("step", 0)

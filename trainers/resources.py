@@ -1,7 +1,32 @@
-"""How a run spreads over CPUs: the threads a worker decodes its training images with."""
+"""How a run spreads over CPUs: what its Train workers ask Ray for when the run is
+given a whole cluster, and the threads a worker decodes its training images with."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from trainers.config import TrainConfig
+
+
+def cpus_per_worker(node_cpus: Sequence[float], workers: int) -> int:
+    """The most whole CPUs each of `workers` workers can have with every worker placed
+    (a worker's CPUs on one node): on 2 cores, one worker gets both. 1 when even that
+    does not fit, and Ray waits for CPUs as it would for a run asking 1 per worker."""
+    fits = [c for c in range(1, int(max(node_cpus, default=1)) + 1)
+            if sum(int(n // c) for n in node_cpus) >= workers]
+    return max(fits, default=1)
+
+
+def node_cpus(use_gpu: bool = False) -> list[float]:
+    """The CPUs of each live node of the Ray cluster this process is connected to; with
+    use_gpu, of each GPU instead (its node's CPUs shared among the node's GPUs), as a
+    worker then takes one GPU."""
+    import ray
+
+    out = []
+    for node in (n for n in ray.nodes() if n["Alive"]):
+        cpus, gpus = node["Resources"].get("CPU", 0.0), int(node["Resources"].get("GPU", 0))
+        out += [cpus / gpus] * gpus if use_gpu else [cpus]
+    return out
 
 
 def loader_threads(cfg: TrainConfig) -> int:
