@@ -43,17 +43,21 @@ def quiet_ray(log_path: str) -> None:
     user's terminal. Ray's loggers propagate to the root logger, which writes the
     file: ray.init(configure_logging=False) clears the "ray" logger's handlers,
     and a warning logged then would reach the terminal through logging's last
-    resort."""
+    resort. MLflow's loggers have their own handler on stderr: a tracking store
+    that failed a write (its sqlite file on a full disk) logged a traceback on
+    the terminal."""
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.INFO)
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+    ray_loggers = ("ray", "ray.tune", "ray.train", "ray.data")
+    for name in ray_loggers + ("mlflow", "sqlalchemy.engine", "alembic"):
         logger = logging.getLogger(name)
         logger.handlers = []
         logger.propagate = True
-        logger.setLevel(logging.INFO)
+        if name in ray_loggers:
+            logger.setLevel(logging.INFO)
 
 
 RAY_NAMESPACE = "mim-scaling"
@@ -155,7 +159,7 @@ def _open_tracking(study_name: str, storage: Storage, tracking_uri: Optional[str
 
 def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking_uri: Optional[str],
           address: Optional[str], max_concurrent: Optional[int], name: Optional[str],
-          console: Console) -> dict:
+          console: Console, silence_limit_s: float) -> dict:
     """Run a study file from the start. Returns the study state (see STATE_FILE).
 
     Every check comes before the first write (the experiment, the parent run,
@@ -207,11 +211,12 @@ def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking
                  "planned_flops": plan.total_flops, "git_commit": git_commit()}
         storage.write_json(f"{name}/{STATE_FILE}", state)
         return _execute(plan, state, storage, client, max_concurrent, console, restore=False,
-                        log_path=log_path)
+                        log_path=log_path, silence_limit_s=silence_limit_s)
 
 
 def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address: Optional[str],
-           max_concurrent: Optional[int], console: Console, study_path: Optional[str] = None) -> dict:
+           max_concurrent: Optional[int], console: Console, study_path: Optional[str] = None,
+           silence_limit_s: float) -> dict:
     from mlflow.tracking import MlflowClient
 
     state = read_state(name, storage_uri)
@@ -227,7 +232,7 @@ def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address:
         log_path = _log_path(name)
         start_ray(address, log_path)
         return _execute(plan, state, storage, MlflowClient(state["tracking_uri"]), max_concurrent, console,
-                        restore=True, log_path=log_path)
+                        restore=True, log_path=log_path, silence_limit_s=silence_limit_s)
 
 
 def _log_path(name: str) -> str:
@@ -242,10 +247,12 @@ def _log_path(name: str) -> str:
 
 
 def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: Optional[int],
-             console: Console, restore: bool, log_path: str) -> dict:
+             console: Console, restore: bool, log_path: str, silence_limit_s: float) -> dict:
     from orchestrator.placement_sweeper import PlacementGroupSweeper
     from orchestrator.progress import StudyProgress
     from orchestrator.results import ResultsTable, TrialRecorder
+    from orchestrator.storage_guard import StorageGuard
+    from orchestrator.watchdog import SilentTrialWatchdog
 
     ctx = TrialContext(study=state["name"], profile=state["profile"], storage_uri=state["storage"],
                        tracking_uri=state["tracking_uri"], experiment_id=state["experiment_id"],
@@ -257,7 +264,9 @@ def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: 
     console.print(f"[bold]{ctx.study}[/bold] ({ctx.profile}): {len(plan.cells)} cells x "
                   f"{plan.study.trials_in_cell} trials, {limit} at a time; Ray log: {log_path}")
     console.print(ui_hint(ctx.tracking_uri, ctx.experiment_id), soft_wrap=True)
-    callbacks = [recorder, progress, PlacementGroupSweeper()]
-    _tuner(plan, ctx, storage, callbacks, limit, restore).fit()
+    guard = StorageGuard(storage, ctx.study)
+    watchdog = SilentTrialWatchdog(ctx.study, silence_limit_s, console)
+    _tuner(plan, ctx, storage, [recorder, progress, PlacementGroupSweeper(), guard, watchdog], limit, restore).fit()
+    guard.check()  # storage that turned read-only after Tune's last step: stop before the last writes
     state["unwritten"] = recorder.close(parent_status="FINISHED")
     return state

@@ -1,7 +1,8 @@
 """python -m orchestrator {run,plan,resume,status,fit} ...
 
 Every refusal (a mistyped command line included) is one line on stderr, exit
-code 2 and no traceback, before anything is written.
+code 2 and no traceback, before anything is written. A study that storage
+stops mid-way (full, read-only) ends the same way with exit code 1.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from rich.table import Table
 
 from orchestrator.planning import CostModel, Plan, make_plan
 from orchestrator.preflight import PreflightError
-from orchestrator.storage import StorageError
+from orchestrator.storage import StorageError, StorageRefused
 from orchestrator.study import PROFILES, StudyError, load_study
 from orchestrator.tracking import TrackingError, ui_hint
 
 DEFAULT_STORAGE = "runs"
+DEFAULT_SILENCE_LIMIT_S = 3600  # far longer than a step, an evaluation or a checkpoint upload takes
 
 
 class UsageError(ValueError):
@@ -49,6 +51,12 @@ def _common(p: argparse.ArgumentParser, tracking: bool = True) -> None:
                             "(default: sqlite file <storage>/mlflow.db for local storage)")
 
 
+def _silence(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--silence-limit", type=_positive_int, default=DEFAULT_SILENCE_LIMIT_S, metavar="SECONDS",
+                   help="a trial not heard from for this long (no step, no result) is started again from its "
+                        f"latest checkpoint (default: {DEFAULT_SILENCE_LIMIT_S})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m orchestrator", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=_positive_int, default=None,
                      help="at most this many trials at once (default: what the cluster fits)")
     run.add_argument("--name", default=None, help="name of this execution (default: the study's name)")
+    _silence(run)
 
     plan = sub.add_parser("plan", help="cells, trials, FLOPs and cluster cost of a study, without Ray")
     plan.add_argument("study")
@@ -80,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(res)
     res.add_argument("--address", default=None)
     res.add_argument("--max-concurrent", type=_positive_int, default=None)
+    _silence(res)
 
     st = sub.add_parser("status", help="per cell: trials ended of planned, best objective and its trial, "
                                        "compute spent of planned; the fitted curves' laws")
@@ -140,7 +150,8 @@ def cmd_run(args, console: Console) -> int:
 
     state = campaign.start(args.study, profile=args.profile, storage_uri=args.storage,
                            tracking_uri=args.tracking_uri, address=args.address,
-                           max_concurrent=args.max_concurrent, name=args.name, console=console)
+                           max_concurrent=args.max_concurrent, name=args.name, console=console,
+                           silence_limit_s=args.silence_limit)
     return _finish(state, args, console)
 
 
@@ -149,7 +160,7 @@ def cmd_resume(args, console: Console) -> int:
 
     state = campaign.resume(args.name, storage_uri=args.storage, tracking_uri=args.tracking_uri,
                             address=args.address, max_concurrent=args.max_concurrent, console=console,
-                            study_path=args.study)
+                            study_path=args.study, silence_limit_s=args.silence_limit)
     return _finish(state, args, console)
 
 
@@ -207,11 +218,18 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "resume": cmd_resume, "status": cm
 REFUSALS = (UsageError, PreflightError, StudyError, StorageError, TrackingError)
 
 
+def _error_line(e: Exception) -> None:
+    # one line even when a message quotes a study file's multi-line exception
+    print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args, Console())
+    except StorageRefused as e:
+        _error_line(e)
+        return 1
     except REFUSALS as e:
-        # one line even when a message quotes a study file's multi-line exception
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        _error_line(e)
         return 2

@@ -30,7 +30,7 @@ def fit_study(state: dict, storage_uri: str, console: Console, bootstrap: int = 
     table = storage.read_table(f"{name}/{RESULTS_FILE}")
     objective = objective_of(state)
     curves = fit_study_curves(table, specs, (objective.metric, objective.mode), bootstrap=bootstrap, seed=0)
-    written = write_curve_outputs(curves, storage.path(name, "curves"), filesystem=storage.fs)
+    written = write_curve_outputs(curves, storage.path(name, "curves"), filesystem=storage.write_fs)
     log_curves_to_mlflow(curves, MlflowClient(state["tracking_uri"]), state["parent_run_id"])
     for curve in curves.values():
         _print_curve(curve, console)

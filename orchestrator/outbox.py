@@ -31,10 +31,13 @@ class Outbox:
         self._current: str | None = None  # the call being made or retried now
         threading.Thread(target=self._work, name=f"outbox-{name}", daemon=True).start()
 
-    def put(self, what: str, call: Callable[[], object]) -> None:
+    def put(self, what: str, call: Callable[[], object]) -> threading.Event:
+        """Queue a call; the event returned is set once it was made or given up."""
+        done = threading.Event()
         with self._idle:
             self._pending += 1
-        self._queue.put((what, call))
+        self._queue.put((what, call, done))
+        return done
 
     def drain(self, timeout_s: float) -> list[str]:
         """Wait up to `timeout_s` for every call put so far; then stop taking calls.
@@ -49,11 +52,11 @@ class Outbox:
 
     def _snapshot_queue(self) -> list[str]:
         with self._queue.mutex:
-            return [what for what, _ in self._queue.queue]
+            return [what for what, _, _ in self._queue.queue]
 
     def _work(self) -> None:
         while True:
-            what, call = self._queue.get()
+            what, call, done = self._queue.get()
             if not self._closed:
                 self._current = what
                 self._call(what, call)
@@ -61,6 +64,7 @@ class Outbox:
                 self._current = None
                 self._pending -= 1
                 self._idle.notify_all()
+            done.set()
 
     def _call(self, what: str, call: Callable[[], object]) -> None:
         started, wait = time.monotonic(), self._first_wait_s

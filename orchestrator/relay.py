@@ -44,6 +44,7 @@ class MetricsRelay:
     def __init__(self, tracking_uri: str, run: TrialRun):
         self._client = MlflowClient(tracking_uri)
         self._run_id = None
+        self._last_heard: float | None = None  # when step metrics last arrived (time.time())
         self._outbox = Outbox(f"MLflow run of trial {run.trial_id}")
         self._outbox.put("opening the run", lambda: self._open(run))
 
@@ -53,7 +54,8 @@ class MetricsRelay:
         self._run_id = run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        now = int(time.time() * 1000)  # the time measured, not the time written
+        self._last_heard = time.time()
+        now = int(self._last_heard * 1000)  # the time measured, not the time written
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
         self._outbox.put(f"step {step}", lambda: self._log(batch))
 
@@ -64,6 +66,11 @@ class MetricsRelay:
 
     def received(self) -> bool:
         return True  # runs after every earlier call from the same caller
+
+    def last_heard(self) -> float | None:
+        """When the trial's training last sent step metrics (None: not yet);
+        the study's watchdog (orchestrator/watchdog.py) reads it."""
+        return self._last_heard
 
     def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
         """Wait for what is queued (calls from one caller run in order); returns

@@ -25,6 +25,10 @@ from trainers.config import TrainConfig
 FINAL_METRICS = ("loss", "first_loss", "flops", "images_per_s", "probe_top1", "knn_top1", "eval_loss",
                  "resumed_from_step", "step_metrics_lost")
 STATUSES = ("finished", "stopped_early", "diverged", "failed")
+# How long Tune's loop waits for an ended trial's row to be written: a row is
+# what tells a resumed study that the trial ended (see replayed_result), and
+# storage answers in milliseconds unless it is away.
+ROW_WRITE_WAIT_S = 10.0
 _MLFLOW_END = {"finished": "FINISHED", "stopped_early": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 
 
@@ -49,6 +53,20 @@ def result_row(trial_id: str, config: dict, last_result: Optional[dict], status:
     for k in FINAL_METRICS:
         row[k] = float(last[k]) if k in last else None
     return row
+
+
+def replayed_result(row: dict) -> Optional[dict]:
+    """The last result of an ended trial as its row holds it, for the trial to
+    report again instead of training; None for a failed trial, which a resume
+    runs again. A study's driver killed after a row was written but before Tune
+    saved its state restarts the trial: a trial stopped early would otherwise
+    train on to its budget. result_row of it gives back the same row."""
+    if row["status"] == "failed":
+        return None
+    result = {k: row[k] for k in FINAL_METRICS if row.get(k) is not None}
+    # trial_status reads an ending without "finished" or "diverged" as stopped early
+    status = "running" if row["status"] == "stopped_early" else row["status"]
+    return {**result, "step": row["steps_done"], "reason": row["reason"], "status": status}
 
 
 def _flat(d: dict) -> dict:
@@ -145,22 +163,23 @@ class TrialRecorder(Callback):
         row = result_row(trial.trial_id, trial.config, trial.last_result, status)
         with self.lock:
             self.table.rows[row["trial_id"]] = row
-        self._write_rows()
+        self._write_rows().wait(ROW_WRITE_WAIT_S)
         self.relay_outbox.put(f"step metrics of trial {trial.trial_id}", lambda: self._finish_relay(row))
 
-    def _write_rows(self) -> None:
+    def _write_rows(self) -> threading.Event:
+        """Queue a write of every row; returns the event of the results write."""
         with self.lock:
             rows = list(self.table.rows.values())
-        self.storage_outbox.put(f"{RESULTS_FILE} with {len(rows)} rows", lambda: self.table.write(rows))
         self.tracking_outbox.put("study metrics", lambda: self._study_metrics(rows))
+        return self.storage_outbox.put(f"{RESULTS_FILE} with {len(rows)} rows", lambda: self.table.write(rows))
 
     def _finish_relay(self, row: dict) -> None:
         """The count of step metrics that never reached MLflow goes into the trial's
         row; then the trial's run is closed (after its relay opened it, if it could)."""
         try:
             lost = finish_relay(self.study, row["trial_id"])
-            with self.lock:
-                row["step_metrics_lost"] = float(lost)
+            with self.lock:  # added to what an ending replayed after a resume counted
+                row["step_metrics_lost"] = (row.get("step_metrics_lost") or 0.0) + lost
             self._write_rows()
         except Exception as err:  # the relay died: what it held is gone, and how much is unknown
             self.unknown_losses.append(f"MLflow: step metrics of trial {row['trial_id']} (its relay died: "

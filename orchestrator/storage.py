@@ -14,13 +14,18 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from trainers.filesystems import resolve_filesystem, write_atomic
+from orchestrator.local_fs import whole_file_local_fs
+from trainers.filesystems import resolve_filesystem
 
 RESULTS_FILE = "results.parquet"  # one row per ended trial (orchestrator/results.py)
 
 
 class StorageError(RuntimeError):
     pass
+
+
+class StorageRefused(StorageError):
+    """A study stopped mid-way because its storage refused writes (orchestrator/storage_guard.py)."""
 
 
 class Storage:
@@ -30,6 +35,11 @@ class Storage:
             self.fs, self.root = resolve_filesystem(uri)
         except ValueError as e:
             raise StorageError(f"storage {uri}: {e}") from None
+        # What writes go through, ours and Ray's, so that a reader sees a file's old
+        # content or its new, never a part: on a local folder, one that writes each
+        # file whole or not at all (a disk may fill up mid-write); an object store's
+        # upload is whole already.
+        self.write_fs = whole_file_local_fs() if self.is_local else self.fs
 
     @property
     def is_local(self) -> bool:
@@ -38,16 +48,21 @@ class Storage:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
+    def probe(self, *parts: str) -> None:
+        """Write, read and delete a probe object in the folder `parts` (the root
+        if none); raises what storage raised."""
+        probe = self.path(*parts, f".probe-{uuid.uuid4().hex}")
+        self.fs.create_dir(probe.rsplit("/", 1)[0], recursive=True)
+        with self.write_fs.open_output_stream(probe) as f:  # a failed probe leaves nothing
+            f.write(b"ok")
+        with self.fs.open_input_stream(probe) as f:
+            f.read()
+        self.fs.delete_file(probe)
+
     def check(self) -> None:
-        """Write, read and delete a probe object: fail fast before any trial runs."""
-        probe = self.path(f".probe-{uuid.uuid4().hex}")
+        """Fail fast, before any trial runs, if storage cannot keep results."""
         try:
-            self.fs.create_dir(self.root, recursive=True)
-            with self.fs.open_output_stream(probe) as f:
-                f.write(b"ok")
-            with self.fs.open_input_stream(probe) as f:
-                f.read()
-            self.fs.delete_file(probe)
+            self.probe()
         except Exception as e:  # any failure means we cannot keep results there
             raise StorageError(f"storage {self.uri} is unreachable or not writable: "
                                f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -60,10 +75,10 @@ class Storage:
         return self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Readers see the old content or the new, never a part."""
         target = self.path(rel)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        write_atomic(self.fs, target, data)
+        with self.write_fs.open_output_stream(target) as out:
+            out.write(data)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
@@ -83,8 +98,6 @@ class Storage:
     def read_table(self, rel: str) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)))
 
-    def ray_storage(self, *parts: str) -> tuple[str, pafs.FileSystem | None]:
+    def ray_storage(self, *parts: str) -> tuple[str, pafs.FileSystem]:
         """(storage_path, storage_filesystem) for Ray Tune/Train run configs."""
-        if self.is_local:
-            return self.path(*parts), None
-        return self.path(*parts), self.fs
+        return self.path(*parts), self.write_fs

@@ -4,7 +4,8 @@ The trial function only drives; the Train workers do the work, and the trial's
 MLflow run is kept by its relay (orchestrator/relay.py), so training never
 waits for the tracking server. Its Train run is named after the trial, so a
 restarted trial (a retry, or `resume`) finds its checkpoints and continues from
-the latest.
+the latest. A trial restarted after it ended (its row is in results.parquet)
+reports that ending again and trains nothing.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.planning import tuned_params
 from orchestrator.relay import TrialRun, start_relay
+from orchestrator.results import ResultsTable, replayed_result
 from orchestrator.storage import Storage
 from orchestrator.system_metrics import SystemMetrics
 from trainers.config import TrainConfig
@@ -53,11 +55,17 @@ class RunTrial:
     def __call__(self, config: dict) -> None:
         ctx = self.ctx
         trial_id = tune.get_context().get_trial_id()
+        storage = Storage(ctx.storage_uri)
+        row = ResultsTable(storage, ctx.study).rows.get(trial_id)
+        ended = replayed_result(row) if row else None
+        if ended is not None:  # the study's driver died after this trial ended, before Tune saved that
+            tune.report(ended)
+            return
         cfg = TrainConfig.model_validate(config["train"])
         tuned = tuned_params(config)
         run = TrialRun(ctx.experiment_id, ctx.parent_run_id, trial_id, f"{config['cell']} #{config['replicate']}",
                        trial_tags(ctx, config), {**cfg.resolved(), **tuned})
-        path, fs = Storage(ctx.storage_uri).ray_storage(ctx.study, "trials")
+        path, fs = storage.ray_storage(ctx.study, "trials")
         relay = start_relay(ctx.tracking_uri, ctx.study, run)
         trainer = build_trainer(cfg, path, trial_id, storage_filesystem=fs, step_sink=relay,
                                 callbacks=[TuneReportCallback(), *system_metrics_callbacks(cfg, relay)])

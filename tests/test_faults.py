@@ -28,6 +28,17 @@ def results(storage, name):
     return {r["trial_id"]: r for r in pq.read_table(path).to_pylist()} if path.exists() else {}
 
 
+def unchanged(rows: dict, before: dict) -> bool:
+    """Every row of `before` is in `rows` as it was; a row's count of lost step
+    metrics may have been filled in since (its trial's relay ended after a kill)."""
+    for tid, row in before.items():
+        if row["step_metrics_lost"] is None:
+            row = {**row, "step_metrics_lost": rows[tid]["step_metrics_lost"]}
+        if json.dumps(rows[tid], sort_keys=True) != json.dumps(row, sort_keys=True):
+            return False
+    return True
+
+
 def snapshot(folder: Path) -> dict:
     """Every file under `folder` with its size and modification time."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -292,9 +303,10 @@ def test_mlflow_server_stopped_for_60_s_mid_study(tmp_path):
 # ---------------------------------------------------------------- the bucket goes away
 
 @pytest.mark.skipif(os.environ.get("MIM_S3_OUTAGE_TEST") != "1",
-                    reason="passed in a whole-suite run, then hung in the next: a trial's Tune actor deadlocked in "
-                           "Ray's own _TrainSession.get_next (report -> result_queue.put on a full queue that only "
-                           "it reads); run by hand with MIM_S3_OUTAGE_TEST=1 until a watchdog covers it")
+                    reason="4 minutes; passed in a whole-suite run, then hung in the next: a trial's Tune actor "
+                           "deadlocked in Ray's own _TrainSession.get_next (report -> result_queue.put on a full queue "
+                           "that only it reads), which the study's watchdog now stops (--silence-limit 120 here); not "
+                           "run since: run by hand with MIM_S3_OUTAGE_TEST=1")
 def test_s3_stalled_then_refusing_for_30_s_each_mid_study(s3_server, tmp_path):
     """A proxy in front of the S3 server stalls every connection for 30 s once a
     checkpoint is in the bucket, then refuses connections for 30 s once a row is
@@ -325,7 +337,7 @@ def test_s3_stalled_then_refusing_for_30_s_each_mid_study(s3_server, tmp_path):
     env = {**os.environ, **s3_server.env, "AWS_ENDPOINT_URL": proxy.endpoint}
     study = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(STUDIES / "tiny_grid.py"),
                               "--storage", s3_server.uri(prefix),
-                              "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                              "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--silence-limit", "120"],
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for("/state.pt")
@@ -450,3 +462,313 @@ def test_worker_node_killed_mid_study_its_trials_continue_elsewhere_from_s3(s3_s
         Bucket=s3_server.bucket, Key=f"{prefix}/results.parquet")["Body"].read())).to_pylist()
     assert len(rows) == 2 and {r["status"] for r in rows} == {"finished"}
     assert any((r["resumed_from_step"] or 0) > 0 for r in rows), "no trial resumed from a checkpoint"
+
+
+# ---------------------------------------------------------------- the driver killed at chosen moments
+
+def _run_and_kill_after(args: list, line_starts: str, env: dict, timeout: float = 600) -> list[str]:
+    """Run the orchestrator, read its terminal (one line per event when it is not
+    a terminal) and SIGKILL it with the Ray it started just after the first line
+    that starts with `line_starts`. Returns the lines read."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+    timer.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(line_starts):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert lines and lines[-1].startswith(line_starts), "".join(lines)[-3000:]
+    return lines
+
+
+def _nested_runs(uri: str, name: str) -> tuple[list, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    return ([r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
+
+
+def test_driver_killed_just_after_an_early_stop_and_just_after_a_trial_starts(tmp_path):
+    """tests/studies/early_stop.py, one trial at a time: the driver is SIGKILLed
+    just after its second trial was stopped early, then, resumed, just after the
+    seed trial started; a second resume completes it. The stopped trial does not
+    train again (Tune's saved state still had it running), no row written before
+    a kill changes, each planned trial ends once, no MLflow run is left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["--storage", storage, "--tracking-uri", tracking, "--max-concurrent", 1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
+    study = STUDIES / "early_stop.py"
+
+    _run_and_kill_after(["run", study, *common], "stopped early:", env)
+    after_stop = results(storage, "early_stop")
+    (stopped,) = [r for r in after_stop.values() if r["status"] == "stopped_early"]  # its row came before the line
+    assert stopped["steps_done"] == 6
+    _run_and_kill_after(["resume", "early_stop", *common], "started patch_size=4 #2", env)
+    after_start = results(storage, "early_stop")
+    done = orchestrator("resume", "early_stop", *common, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+
+    rows = results(storage, "early_stop")
+    assert sorted(r["replicate"] for r in rows.values()) == [0, 1, 2]  # the cell's planned trials, each once
+    assert unchanged(rows, after_stop) and unchanged(rows, after_start)  # rows written before a kill
+    (first,) = [r for r in rows.values() if r["replicate"] == 0]
+    (seed,) = [r for r in rows.values() if r["role"] == "seed"]
+    assert first["status"] == "finished" and seed["status"] == "finished" and seed["seed_of"] == first["trial_id"]
+
+    client = MlflowClient(tracking)
+    parents, children = _nested_runs(tracking, "early_stop")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # continued, not duplicated
+    by_trial = {r.data.tags["trial_id"]: r for r in children}
+    for tid in rows:
+        assert by_trial[tid].info.status == "FINISHED"
+    for tid, run in by_trial.items():  # a seed started just before the kill, lost with Tune's unsaved state
+        if tid not in rows:
+            assert run.info.status == "KILLED" and run.data.tags["status"] == "lost"
+    for tid in (first["trial_id"], stopped["trial_id"]):  # trials that had ended trained no step again
+        steps = [m.step for m in client.get_metric_history(by_trial[tid].info.run_id, "loss")]
+        assert len(steps) == len(set(steps)), (tid, steps)
+    stopped_steps = client.get_metric_history(by_trial[stopped["trial_id"]].info.run_id, "loss")
+    assert max(m.step for m in stopped_steps) < stopped["steps"]  # it did not train on to its budget
+
+
+# ---------------------------------------------------------------- storage fills up, then turns read-only
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 MiB tmpfs mounted for the test (it needs root), unmounted after it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", disk],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs to fill up needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--recursive", "--lazy", disk], capture_output=True)
+
+
+def _fill(disk: Path) -> Path:
+    """Write a file until the disk refuses more."""
+    import errno
+
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (b"\0" * (1 << 20), b"\0" * 4096):
+            try:
+                while True:
+                    f.write(chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_write_that_fills_the_disk_keeps_the_old_file_and_leaves_nothing(small_disk, tmp_path):
+    """Local storage as Ray and the study write it (orchestrator/local_fs.py): a
+    file rewritten, and a checkpoint folder copied in the way Ray uploads one,
+    on a disk that fills up: the old file keeps its content, no part of a new
+    file or temporary file is left."""
+    import errno
+
+    import pyarrow.fs as pafs
+
+    from orchestrator.local_fs import whole_file_local_fs
+
+    fs = whole_file_local_fs()
+    state = small_disk / "experiment_state.json"
+    with fs.open_output_stream(str(state)) as f:
+        f.write(b"old state")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_bytes(b"{}")
+    (checkpoint / "state.pt").write_bytes(os.urandom(1 << 20))
+    fs.create_dir(str(small_disk / "checkpoint_1"))
+    filler = _fill(small_disk)
+
+    with pytest.raises(OSError) as refused:
+        with fs.open_output_stream(str(state)) as f:
+            f.write(b"new state" * 100_000)
+    assert refused.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        pafs.copy_files(str(checkpoint), str(small_disk / "checkpoint_1"), destination_filesystem=fs)
+    assert state.read_bytes() == b"old state"
+    assert sorted(p.name for p in small_disk.rglob("*")) == ["checkpoint_1", "experiment_state.json", "filler"]
+    filler.unlink()
+    pafs.copy_files(str(checkpoint), str(small_disk / "checkpoint_1"), destination_filesystem=fs)
+    assert (small_disk / "checkpoint_1" / "state.pt").read_bytes() == (checkpoint / "state.pt").read_bytes()
+
+
+def _run_until_rows(args: list, storage: Path, name: str, more_than: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while len(results(storage, name)) <= more_than and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None and len(results(storage, name)) > more_than, proc.communicate()
+    return proc
+
+
+def _stopped_by_storage(proc: subprocess.Popen, what: str, storage: Path) -> None:
+    """The study ends on its own within minutes, exit 1, with one line saying
+    what storage does and where."""
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("the study went on for 5 minutes on storage that refuses writes:\n" + out[-2000:] + err[-2000:])
+    assert proc.returncode == 1 and "Traceback" not in err, out[-3000:] + err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: storage {storage} {what}") and "resume early_stop" in line, err[-3000:]
+
+
+def _nothing_half_written(storage: Path, rows_before: dict) -> None:
+    """results.parquet readable with its earlier rows, every checkpoint a trial's
+    Train snapshot names loads, Tune's state parses. (A file being written as the
+    folder turned read-only leaves its temporary sibling, which cannot be removed
+    then; test_a_write_that_fills_the_disk_keeps_the_old_file_and_leaves_nothing
+    shows a full disk leaves none.)"""
+    import torch
+
+    from orchestrator.saved_state import check_tune_state
+    from orchestrator.storage import Storage
+
+    assert unchanged(results(storage, "early_stop"), rows_before)
+    snapshots = list((storage / "early_stop" / "trials").glob("*/checkpoint_manager_snapshot.json"))
+    assert snapshots
+    for snap in snapshots:
+        for result in json.loads(snap.read_text())["checkpoint_results"]:
+            state = torch.load(snap.parent / result["checkpoint_dir_name"] / "state.pt", weights_only=True)
+            assert state["progress"]["step"] > 0
+    check_tune_state(Storage(str(storage)), "early_stop")
+
+
+def test_storage_full_then_read_only_mid_study_stops_it_cleanly_and_resume_completes(small_disk):
+    """tests/studies/early_stop.py on a small disk of its own (MLflow's sqlite file
+    on it too, as by default), one trial at a time: filled up once a row is
+    written, the study stops in one line saying storage is full, nothing
+    half-written; with space again, `resume` goes on until, after one more row,
+    the study's folder turns read-only (a read-only bind mount over it), and stops
+    the same way; writable again, `resume` completes the study."""
+    storage = small_disk / "storage"
+    study_folder = storage / "early_stop"
+    common = ["--storage", storage, "--max-concurrent", 1]
+
+    proc = _run_until_rows(["run", STUDIES / "early_stop.py", *common], storage, "early_stop", 0)
+    filler = _fill(small_disk)
+    rows_before = results(storage, "early_stop")
+    _stopped_by_storage(proc, "is full", storage)
+    _nothing_half_written(storage, rows_before)
+
+    filler.unlink()
+    proc = _run_until_rows(["resume", "early_stop", *common], storage, "early_stop", len(rows_before))
+    subprocess.run(["mount", "--bind", study_folder, study_folder], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", study_folder], check=True)
+    rows_before = results(storage, "early_stop")
+    try:
+        _stopped_by_storage(proc, "is read-only", storage)
+    finally:
+        subprocess.run(["umount", "--lazy", study_folder], check=True)
+    _nothing_half_written(storage, rows_before)
+
+    done = orchestrator("resume", "early_stop", *common)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = results(storage, "early_stop")
+    assert sorted(r["replicate"] for r in rows.values()) == [0, 1, 2]
+    assert {r["status"] for r in rows.values()} <= {"finished", "stopped_early"} and unchanged(rows, rows_before)
+
+
+# ---------------------------------------------------------------- a trial goes silent
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _train_workers(pid: int) -> list[int]:
+    """The Ray Train worker processes of the Ray a driver started (its descendants)."""
+    workers = []
+    for child in _descendants(pid):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except OSError:
+            pass
+    return workers
+
+
+def _trials_with_a_checkpoint(folder: Path) -> set[str]:
+    """Trials whose Train run has committed a checkpoint (its snapshot names one)."""
+    found = set()
+    for snap in folder.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text())["checkpoint_results"]:
+                found.add(snap.parent.name)
+        except (OSError, ValueError):  # being replaced
+            pass
+    return found
+
+
+def test_a_silent_trial_is_started_again_from_its_checkpoint(tmp_path):
+    """tests/studies/node_loss.py (two trials of 60 steps at once, a checkpoint
+    every 4) with --silence-limit 30: once both trials have a checkpoint, one
+    trial's Train worker is stopped (SIGSTOP), as silent as a deadlocked process.
+    The study's watchdog stops that trial, Tune starts it again, it continues from
+    its checkpoint, and the study ends well before Train's own 10-minute health
+    check would have noticed anything."""
+    storage = tmp_path / "storage"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", STUDIES / "node_loss.py",
+                             "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                             "--silence-limit", "30"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    stopped = []
+    try:
+        deadline = time.time() + 300
+        while (len(_trials_with_a_checkpoint(storage / "node_loss" / "trials")) < 2
+               and proc.poll() is None and time.time() < deadline):
+            time.sleep(0.2)
+        stopped = _train_workers(proc.pid)[:1]
+        assert stopped, "no Train worker found"
+        os.kill(stopped[0], signal.SIGSTOP)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "silent for" in out
+    rows = results(storage, "node_loss")
+    assert len(rows) == 2 and {r["status"] for r in rows.values()} == {"finished"}
+    assert any(r["resumed_from_step"] > 0 for r in rows.values()), rows

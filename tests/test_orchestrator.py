@@ -331,3 +331,30 @@ def test_curves_land_in_storage(resumed_study):
     assert "best tuned configuration" in curve["points_are"]
     # checkpoints of every trial live under <study>/trials/
     assert len(list((resumed_study.storage / "tiny_grid" / "trials").iterdir())) == _plan().trials
+
+
+def test_an_ending_replayed_from_its_row_gives_back_the_same_row():
+    """A trial restarted after its row was written (its driver killed before Tune
+    saved the ending) reports that ending from the row instead of training
+    (orchestrator/trial.py); recorded again, it is the same row. A failed trial
+    is not replayed: a resume runs it again."""
+    from orchestrator.results import replayed_result, result_row, trial_status
+
+    plan = _plan()
+    cell = plan.cells[0].id
+    config = {"cell": cell, "replicate": 1, "role": "tune", "seed_of": None, "base_lr": 4e-3,
+              "train": plan.trial_config(cell, {"base_lr": 4e-3}, 1).model_dump(mode="json")}
+    endings = {
+        "finished": {"step": 12, "status": "finished", "loss": 0.4, "eval_loss": 0.5, "flops": 1e9,
+                     "resumed_from_step": 6},
+        "stopped_early": {"step": 6, "status": "running", "loss": 0.8, "eval_loss": 0.9, "flops": 5e8},
+        "diverged": {"step": 3, "status": "diverged", "loss": float("nan"), "flops": 2e8,
+                     "reason": "diverged: loss nan at step 3"},
+    }
+    for status, last in endings.items():
+        row = result_row("t1", config, last, trial_status(last, errored=False))
+        assert row["status"] == status
+        replayed = replayed_result(row)
+        again = result_row("t1", config, replayed, trial_status(replayed, errored=False))
+        assert json.dumps(again, sort_keys=True) == json.dumps(row, sort_keys=True)
+    assert replayed_result(result_row("t1", config, {"step": 4}, "failed")) is None
