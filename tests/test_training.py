@@ -134,9 +134,9 @@ def test_runs_sharing_a_storage_path_read_the_probe_sets_once(ray_local, tmp_pat
     assert [p.stat().st_mtime_ns for p in cached] == written  # read, not written again
 
 
-def test_loader_threads_follow_the_worker_s_cpus_on_gpus_only():
+def test_loader_threads_follow_the_worker_s_cpus():
     from trainers.resources import loader_threads
 
-    assert loader_threads(TrainConfig(cpus_per_worker=8)) == 1  # the step uses the cores
-    assert loader_threads(TrainConfig(cpus_per_worker=8, use_gpu=True)) == 8  # the step leaves them idle
-    assert loader_threads(TrainConfig(cpus_per_worker=8, use_gpu=True, num_loader_workers=0)) == 0
+    assert loader_threads(TrainConfig()) == 1  # a local study's one-CPU trials
+    assert loader_threads(TrainConfig(cpus_per_worker=8, use_gpu=True)) == 8
+    assert loader_threads(TrainConfig(cpus_per_worker=8, num_loader_workers=0)) == 0

@@ -78,8 +78,8 @@ class TrainConfig(BaseModel):
     data_path: Optional[str] = None  # None: the Debian package's folder for fashion_mnist
     augment: bool = True  # MAE's random resized crop (scale 0.2-1) and horizontal flip
     # background threads that decode and augment training batches ahead of the step (0: the
-    # training thread does it; None: see trainers.resources.loader_threads); the batches are
-    # the same for any number
+    # training thread does it; None: one per CPU of the worker, trainers.resources.loader_threads);
+    # the batches are the same for any number
     num_loader_workers: Optional[int] = None
     # encoded training rows a Parquet worker holds at most (its shuffle buffer: two windows,
     # see trainers.data.PretrainStream); None: 1024. None rather than the number, so that

@@ -30,9 +30,9 @@ def node_cpus(use_gpu: bool = False) -> list[float]:
 
 
 def loader_threads(cfg: TrainConfig) -> int:
-    """cfg.num_loader_workers, else: on GPUs one per CPU of the worker (the step leaves
-    them idle, and at 224 px decoding needs dozens of cores per GPU: bench/RESULTS.md);
-    on CPUs one, which overlaps decoding with the step that uses the worker's cores."""
-    if cfg.num_loader_workers is not None:
-        return cfg.num_loader_workers
-    return cfg.cpus_per_worker if cfg.use_gpu else 1
+    """cfg.num_loader_workers, else one per CPU of the worker. They share the cores with
+    the step's torch threads but take only the decoding the step consumes: once ahead
+    of it by the queue's depth they block (and torch's OpenMP threads wait passively,
+    see trainers.pretrain). On GPUs the step leaves the cores idle, and at 224 px
+    decoding needs dozens of cores per GPU (bench/RESULTS.md)."""
+    return cfg.cpus_per_worker if cfg.num_loader_workers is None else cfg.num_loader_workers
