@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -248,6 +249,7 @@ def _log_path(name: str) -> str:
 
 def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: Optional[int],
              console: Console, restore: bool, log_path: str, silence_limit_s: float) -> dict:
+    from orchestrator.interrupt import InterruptWatch
     from orchestrator.placement_sweeper import PlacementGroupSweeper
     from orchestrator.progress import StudyProgress
     from orchestrator.results import ResultsTable, TrialRecorder
@@ -266,7 +268,14 @@ def _execute(plan: Plan, state: dict, storage: Storage, client, max_concurrent: 
     console.print(ui_hint(ctx.tracking_uri, ctx.experiment_id), soft_wrap=True)
     guard = StorageGuard(storage, ctx.study)
     watchdog = SilentTrialWatchdog(ctx.study, silence_limit_s, console)
-    _tuner(plan, ctx, storage, [recorder, progress, PlacementGroupSweeper(), guard, watchdog], limit, restore).fit()
+    interrupt = InterruptWatch()
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        _tuner(plan, ctx, storage, [recorder, progress, PlacementGroupSweeper(), guard, watchdog, interrupt],
+               limit, restore).fit()
+    finally:  # Tune leaves its own handler behind, which would swallow a Ctrl-C while the curves are fitted
+        signal.signal(signal.SIGINT, sigint_handler)
+    state["interrupted"] = interrupt.interrupted
     guard.check()  # storage that turned read-only after Tune's last step: stop before the last writes
-    state["unwritten"] = recorder.close(parent_status="FINISHED")
+    state["unwritten"] = recorder.close(parent_status="KILLED" if state["interrupted"] else "FINISHED")
     return state

@@ -166,7 +166,8 @@ def cmd_resume(args, console: Console) -> int:
 
 def _finish(state: dict, args, console: Console) -> int:
     """Fit the curves; exit 1 if any trial failed (its reason is in results.parquet)
-    or the results could not be written; say what MLflow never received."""
+    or the results could not be written, 130 if interrupted (Ctrl-C) before every
+    trial ended; say what MLflow never received."""
     from orchestrator.fitting import fit_study
     from orchestrator.results import ResultsTable
     from orchestrator.storage import Storage
@@ -178,6 +179,11 @@ def _finish(state: dict, args, console: Console) -> int:
         print(f"error: results.parquet could not be written to {args.storage}; once storage is back, "
               f"`resume {state['name']}` writes it", file=sys.stderr)
         return 1
+    if state.get("interrupted"):  # curves of a part of the grid would answer another question
+        rows = ResultsTable(Storage(args.storage), state["name"]).rows
+        print(f"interrupted: {len(rows)} of {state['trials']} trials ended; `resume {state['name']}` "
+              f"continues the study from its checkpoints and fits its curves", file=sys.stderr)
+        return 130
     fit_study(state, args.storage, console)
     console.print(f"results: {args.storage}/{state['name']}/results.parquet; "
                   f"{ui_hint(state['tracking_uri'], state['experiment_id'])}", soft_wrap=True)

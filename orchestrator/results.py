@@ -95,7 +95,8 @@ class TrialRecorder(Callback):
     relays), so an outage never stops the study; `close` says what could not
     be written, and each row counts its step metrics that never reached MLflow. On a
     resumed study it first catches up with what the killed driver left undone:
-    rows of trials that ended unrecorded, and MLflow runs left RUNNING.
+    rows of trials that ended unrecorded, and MLflow runs left RUNNING; and the
+    parent run, ended KILLED by an interrupt, runs again.
     """
 
     def __init__(self, storage: Storage, study: str, tracking_uri: str, experiment_id: str,
@@ -142,6 +143,9 @@ class TrialRecorder(Callback):
                 self._record(trial, errored=trial.status == Trial.ERROR)
         known = {t.trial_id for t in trials}
         self.tracking_outbox.put("end of runs left running", lambda: self._end_runs_left_running(known))
+        # an interrupted study's parent run was ended KILLED; it goes on now
+        self.tracking_outbox.put("parent run reopened",
+                                 lambda: self.client.update_run(self.parent_run_id, status="RUNNING"))
 
     def _end_runs_left_running(self, known: set[str]) -> None:
         """Nested runs still RUNNING after a driver was killed: a trial with a row

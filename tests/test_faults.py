@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -464,35 +465,39 @@ def test_worker_node_killed_mid_study_its_trials_continue_elsewhere_from_s3(s3_s
     assert any((r["resumed_from_step"] or 0) > 0 for r in rows), "no trial resumed from a checkpoint"
 
 
-# ---------------------------------------------------------------- the driver killed at chosen moments
+# ---------------------------------------------------------------- the driver killed at chosen moments, a trial silent
 
-def _run_and_kill_after(args: list, line_starts: str, env: dict, timeout: float = 600) -> list[str]:
+def _run_and_signal_after(args: list, line_starts: str, env: dict, sig: int = signal.SIGKILL,
+                          timeout: float = 600) -> tuple[int, str]:
     """Run the orchestrator, read its terminal (one line per event when it is not
-    a terminal) and SIGKILL it with the Ray it started just after the first line
-    that starts with `line_starts`. Returns the lines read."""
-    import threading
-
+    a terminal) and send `sig` to it and the Ray it started (its process group, as
+    a terminal's Ctrl-C does) just after the first line that starts with
+    `line_starts`; for a signal other than SIGKILL, read on until it exits.
+    Returns its exit status and what it printed."""
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
     timer.start()
-    lines = []
+    lines, sent = [], False
     try:
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith(line_starts):
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
+            if not sent and line.startswith(line_starts):
+                os.killpg(proc.pid, sig)
+                sent = True
+                if sig == signal.SIGKILL:
+                    break
     finally:
         timer.cancel()
-        if proc.poll() is None:
+        if proc.poll() is None and sig == signal.SIGKILL:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert lines and lines[-1].startswith(line_starts), "".join(lines)[-3000:]
-    return lines
+    assert sent, "".join(lines)[-3000:]
+    return proc.returncode, "".join(lines)
 
 
 def _nested_runs(uri: str, name: str) -> tuple[list, list]:
+    """The experiment's parent runs and nested (trial) runs."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -501,50 +506,174 @@ def _nested_runs(uri: str, name: str) -> tuple[list, list]:
             [r for r in runs if "mlflow.parentRunId" in r.data.tags])
 
 
-def test_driver_killed_just_after_an_early_stop_and_just_after_a_trial_starts(tmp_path):
-    """tests/studies/early_stop.py, one trial at a time: the driver is SIGKILLed
-    just after its second trial was stopped early, then, resumed, just after the
-    seed trial started; a second resume completes it. The stopped trial does not
-    train again (Tune's saved state still had it running), no row written before
-    a kill changes, each planned trial ends once, no MLflow run is left RUNNING."""
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _train_workers(pid: int) -> list[int]:
+    """The Ray Train worker processes of the Ray a driver started (its descendants)."""
+    workers = []
+    for child in _descendants(pid):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except OSError:
+            pass
+    return workers
+
+
+def _trials_with_a_checkpoint(folder: Path) -> set[str]:
+    """Trials whose Train run has committed a checkpoint (its snapshot names one)."""
+    found = set()
+    for snap in folder.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text())["checkpoint_results"]:
+                found.add(snap.parent.name)
+        except (OSError, ValueError):  # being replaced
+            pass
+    return found
+
+
+def _resume_and_stop_a_worker(args: list, trials: Path, ended: set, env: dict) -> subprocess.CompletedProcess:
+    """Resume, and once a trial not in `ended` has a committed checkpoint, stop
+    (SIGSTOP) the Train worker of the Ray the driver started (one trial at a
+    time: the only one); the study must end on its own within 5 minutes."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stopped = []
+    try:
+        deadline = time.time() + 300
+        while not _trials_with_a_checkpoint(trials) - ended and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        stopped = _train_workers(proc.pid)
+        assert len(stopped) == 1, stopped
+        os.kill(stopped[0], signal.SIGSTOP)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def killed_twice(tmp_path_factory):
+    """tests/studies/early_stop.py, one trial at a time: its driver SIGKILLed just
+    after its second trial was stopped early; resumed, SIGKILLed again just after
+    the seed trial started; resumed with --silence-limit 30, the seed's Train
+    worker stopped (SIGSTOP) once it has a checkpoint. Rows after each kill and
+    the last resume."""
+    root = tmp_path_factory.mktemp("killed_twice")
+    storage, tracking = root / "storage", f"sqlite:///{root}/mlflow.db"
+    common = ["--storage", storage, "--tracking-uri", tracking, "--max-concurrent", 1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
+
+    _run_and_signal_after(["run", STUDIES / "early_stop.py", *common], "stopped early:", env)
+    after_stop = results(storage, "early_stop")
+    _run_and_signal_after(["resume", "early_stop", *common], "started patch_size=4 #2", env)
+    after_start = results(storage, "early_stop")
+    done = _resume_and_stop_a_worker(["resume", "early_stop", *common, "--silence-limit", 30],
+                                     storage / "early_stop" / "trials", set(after_start), env)
+    return SimpleNamespace(tracking=tracking, after_stop=after_stop,
+                           after_start=after_start, done=done, rows=results(storage, "early_stop"))
+
+
+def test_a_study_killed_twice_then_resumed_ends_with_each_planned_trial_once(killed_twice):
+    """After both kills, `resume` completes the study: the cell's three planned
+    trials each end once, rows written before a kill are unchanged, one parent
+    run (continued, FINISHED), no run left RUNNING."""
+    done, rows = killed_twice.done, killed_twice.rows
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert sorted(r["replicate"] for r in rows.values()) == [0, 1, 2]
+    assert unchanged(rows, killed_twice.after_stop) and unchanged(rows, killed_twice.after_start)
+    (first,) = [r for r in rows.values() if r["replicate"] == 0]
+    (seed,) = [r for r in rows.values() if r["role"] == "seed"]
+    assert first["status"] == "finished" and seed["status"] == "finished" and seed["seed_of"] == first["trial_id"]
+
+    parents, children = _nested_runs(killed_twice.tracking, "early_stop")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_trial = {r.data.tags["trial_id"]: r for r in children}
+    for tid in rows:
+        assert by_trial[tid].info.status == "FINISHED"
+    for tid, run in by_trial.items():  # a seed started just before the kill, not yet in Tune's saved state
+        if tid not in rows:
+            assert run.info.status == "KILLED" and run.data.tags["status"] == "lost"
+
+
+def test_a_driver_killed_just_after_an_early_stop_does_not_train_that_trial_again(killed_twice):
+    """Tune's saved state still had the stopped trial running: restarted, it found
+    its row and reported that ending again (before, it trained on to its budget
+    and its row turned `finished`). Neither trial that had ended logged a step
+    twice. (Their steps' MLflow times do not tell: Train stops a trial some steps
+    after Tune decides to, tiny steps take milliseconds, and the relay stamps a
+    step when it gets to it.)"""
+    from mlflow.tracking import MlflowClient
+
+    (stopped,) = [r for r in killed_twice.after_stop.values() if r["status"] == "stopped_early"]
+    assert stopped["steps_done"] == 12 and killed_twice.rows[stopped["trial_id"]]["status"] == "stopped_early"
+    client = MlflowClient(killed_twice.tracking)
+    _, children = _nested_runs(killed_twice.tracking, "early_stop")
+    runs = {r.data.tags["trial_id"]: r.info.run_id for r in children}
+    for tid in killed_twice.after_stop:
+        steps = [m.step for m in client.get_metric_history(runs[tid], "loss")]
+        assert steps and len(steps) == len(set(steps)), (tid, steps)
+
+
+def test_a_silent_trial_is_started_again_from_its_checkpoint(killed_twice):
+    """The seed trial's Train worker stopped (SIGSTOP) once it had a checkpoint,
+    as silent as a deadlocked process: after --silence-limit the watchdog stopped
+    the trial, Tune started it again, and it went on from its checkpoint; the
+    study ended, long before Train's own 10-minute health check would notice."""
+    assert killed_twice.done.returncode == 0, killed_twice.done.stdout[-3000:] + killed_twice.done.stderr[-3000:]
+    assert "silent for" in killed_twice.done.stdout
+    (seed,) = [r for r in killed_twice.rows.values() if r["role"] == "seed"]
+    assert seed["status"] == "finished" and seed["resumed_from_step"] > 0
+
+
+def test_ctrl_c_stops_a_study_as_interrupted_and_resume_completes_it(tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group) just after a trial was
+    stopped early: the study says it was interrupted and how to resume, exits
+    130, fits no curve of the part of the grid that ran, and ends its parent run
+    KILLED (before: it fitted curves on two of three trials, FINISHED, exit 0).
+    At that moment no trial runs: the seed waits for the cell's tuning to end.
+    `resume` then runs the last trial, fits the curves and ends the run FINISHED."""
     from mlflow.tracking import MlflowClient
 
     storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--storage", storage, "--tracking-uri", tracking, "--max-concurrent", 1]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
-    study = STUDIES / "early_stop.py"
+    code, out = _run_and_signal_after(["run", STUDIES / "early_stop.py", *common], "stopped early:", env,
+                                      signal.SIGINT)
+    assert code == 130, out[-3000:]
+    assert "interrupted: 2 of 3 trials ended; `resume early_stop` continues" in out and "Traceback" not in out
+    assert "no curves to fit" not in out  # the curves are not fitted (this study declares none)
+    (parent,), _ = _nested_runs(tracking, "early_stop")
+    assert parent.info.status == "KILLED"
 
-    _run_and_kill_after(["run", study, *common], "stopped early:", env)
-    after_stop = results(storage, "early_stop")
-    (stopped,) = [r for r in after_stop.values() if r["status"] == "stopped_early"]  # its row came before the line
-    assert stopped["steps_done"] == 6
-    _run_and_kill_after(["resume", "early_stop", *common], "started patch_size=4 #2", env)
-    after_start = results(storage, "early_stop")
     done = orchestrator("resume", "early_stop", *common, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Traceback" not in done.stdout + done.stderr
-
-    rows = results(storage, "early_stop")
-    assert sorted(r["replicate"] for r in rows.values()) == [0, 1, 2]  # the cell's planned trials, each once
-    assert unchanged(rows, after_stop) and unchanged(rows, after_start)  # rows written before a kill
-    (first,) = [r for r in rows.values() if r["replicate"] == 0]
-    (seed,) = [r for r in rows.values() if r["role"] == "seed"]
-    assert first["status"] == "finished" and seed["status"] == "finished" and seed["seed_of"] == first["trial_id"]
-
-    client = MlflowClient(tracking)
-    parents, children = _nested_runs(tracking, "early_stop")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # continued, not duplicated
-    by_trial = {r.data.tags["trial_id"]: r for r in children}
-    for tid in rows:
-        assert by_trial[tid].info.status == "FINISHED"
-    for tid, run in by_trial.items():  # a seed started just before the kill, lost with Tune's unsaved state
-        if tid not in rows:
-            assert run.info.status == "KILLED" and run.data.tags["status"] == "lost"
-    for tid in (first["trial_id"], stopped["trial_id"]):  # trials that had ended trained no step again
-        steps = [m.step for m in client.get_metric_history(by_trial[tid].info.run_id, "loss")]
-        assert len(steps) == len(set(steps)), (tid, steps)
-    stopped_steps = client.get_metric_history(by_trial[stopped["trial_id"]].info.run_id, "loss")
-    assert max(m.step for m in stopped_steps) < stopped["steps"]  # it did not train on to its budget
+    assert sorted(r["replicate"] for r in results(storage, "early_stop").values()) == [0, 1, 2]
+    assert "no curves to fit" in done.stdout
+    assert MlflowClient(tracking).get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 # ---------------------------------------------------------------- storage fills up, then turns read-only
@@ -691,84 +820,3 @@ def test_storage_full_then_read_only_mid_study_stops_it_cleanly_and_resume_compl
     rows = results(storage, "early_stop")
     assert sorted(r["replicate"] for r in rows.values()) == [0, 1, 2]
     assert {r["status"] for r in rows.values()} <= {"finished", "stopped_early"} and unchanged(rows, rows_before)
-
-
-# ---------------------------------------------------------------- a trial goes silent
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _train_workers(pid: int) -> list[int]:
-    """The Ray Train worker processes of the Ray a driver started (its descendants)."""
-    workers = []
-    for child in _descendants(pid):
-        try:
-            if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
-                workers.append(child)
-        except OSError:
-            pass
-    return workers
-
-
-def _trials_with_a_checkpoint(folder: Path) -> set[str]:
-    """Trials whose Train run has committed a checkpoint (its snapshot names one)."""
-    found = set()
-    for snap in folder.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snap.read_text())["checkpoint_results"]:
-                found.add(snap.parent.name)
-        except (OSError, ValueError):  # being replaced
-            pass
-    return found
-
-
-def test_a_silent_trial_is_started_again_from_its_checkpoint(tmp_path):
-    """tests/studies/node_loss.py (two trials of 60 steps at once, a checkpoint
-    every 4) with --silence-limit 30: once both trials have a checkpoint, one
-    trial's Train worker is stopped (SIGSTOP), as silent as a deadlocked process.
-    The study's watchdog stops that trial, Tune starts it again, it continues from
-    its checkpoint, and the study ends well before Train's own 10-minute health
-    check would have noticed anything."""
-    storage = tmp_path / "storage"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", STUDIES / "node_loss.py",
-                             "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                             "--silence-limit", "30"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    stopped = []
-    try:
-        deadline = time.time() + 300
-        while (len(_trials_with_a_checkpoint(storage / "node_loss" / "trials")) < 2
-               and proc.poll() is None and time.time() < deadline):
-            time.sleep(0.2)
-        stopped = _train_workers(proc.pid)[:1]
-        assert stopped, "no Train worker found"
-        os.kill(stopped[0], signal.SIGSTOP)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        for pid in stopped:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    assert "silent for" in out
-    rows = results(storage, "node_loss")
-    assert len(rows) == 2 and {r["status"] for r in rows.values()} == {"finished"}
-    assert any(r["resumed_from_step"] > 0 for r in rows.values()), rows
