@@ -147,7 +147,7 @@ def check_cluster(plan: Plan, storage: Storage, address: Optional[str]) -> None:
 
 def check_storage_shared(storage: Storage, nodes: int, resources: dict) -> None:
     """Trials on other nodes cannot see a local folder. A cluster made from
-    infra/cluster.yaml (its head has `head_driver`) gets its worker nodes later."""
+    infra/cluster-hardened.yaml (its head has `head_driver`) gets its worker nodes later."""
     if not isinstance(storage.fs, pafs.LocalFileSystem):
         return
     if nodes > 1 or resources.get("head_driver", 0) > 0:

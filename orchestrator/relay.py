@@ -4,7 +4,7 @@ metrics from Train workers and writes them.
 Workers call it fire-and-forget, and the trial driver never waits for it, so a
 slow, remote or stopped tracking server never stalls training. It runs on the
 trial driver's node, where the tracking server is reachable (on
-infra/cluster.yaml's head, MLflow listens on loopback only). Its writes go
+infra/cluster-hardened.yaml's head, MLflow listens on loopback only). Its writes go
 through an Outbox: while MLflow is away they wait and are retried. It outlives
 its trial (a detached actor, named after the trial): however the trial ended,
 finished or stopped early, the study's driver then asks it for what could not

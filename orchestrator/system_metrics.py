@@ -3,7 +3,7 @@ utilisation and memory, and that node's CPU, sampled by MLflow's own monitors.
 
 MLflow's SystemMetricsMonitor samples the machine it runs on and writes to the
 tracking server itself. Neither fits a trial: its driver and relay run on the
-head (infra/cluster.yaml keeps drivers there, and the head has no GPU), and a GPU
+head (infra/cluster-hardened.yaml keeps drivers there, and its head has no GPU), and a GPU
 node may not reach the tracking server (there MLflow listens on the head's
 loopback). So MLflow's monitors sample inside the rank-0 Train worker, and the
 samples travel through the trial's relay (orchestrator/relay.py) under MLflow's

@@ -3,7 +3,7 @@
 One module-scoped run, several checks. On this machine it starts:
 
 * a Ray cluster of three `ray start` processes: a head with 0 CPUs and the
-  `head_driver` resource (as infra/cluster.yaml's head) and two 1-CPU worker
+  `head_driver` resource (as infra/cluster-hardened.yaml's head) and two 1-CPU worker
   nodes, with token authentication on (a token file of its own, handed to every
   process through RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH, so ~/.ray is never touched);
 * the `s3_server` fixture's moto S3 server;
