@@ -29,6 +29,8 @@ STATUSES = ("finished", "stopped_early", "diverged", "failed")
 # what tells a resumed study that the trial ended (see replayed_result), and
 # storage answers in milliseconds unless it is away.
 ROW_WRITE_WAIT_S = 10.0
+# Ray Train's record of a run's checkpointed reports, in the run's storage folder
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 _MLFLOW_END = {"finished": "FINISHED", "stopped_early": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 
 
@@ -40,6 +42,20 @@ def trial_status(last_result: Optional[dict], errored: bool) -> str:
         return status
     # ended without error before its last step: a scheduler stopped it
     return "stopped_early"
+
+
+def last_result_of(storage: Storage, study: str, trial_id: str, heard: Optional[dict]) -> Optional[dict]:
+    """What Tune heard last of a trial; if it heard no step, the last checkpointed
+    report of the trial's Train run (its snapshot in storage). Tune's function
+    trainable takes Train's reports through a one-slot queue and can return before
+    taking the last one: a trial that trained to its end then read as stopped
+    early at step 0 (2 of 24 trials in a run of window_size_compute)."""
+    if heard and "step" in heard:
+        return heard
+    rel = f"{study}/trials/{trial_id}/{TRAIN_SNAPSHOT}"
+    if not storage.exists(rel):
+        return heard
+    return (storage.read_json(rel).get("latest_checkpoint_result") or {}).get("metrics") or heard
 
 
 def result_row(trial_id: str, config: dict, last_result: Optional[dict], status: str) -> dict:
@@ -163,8 +179,8 @@ class TrialRecorder(Callback):
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _record(self, trial, errored: bool) -> None:
-        status = trial_status(trial.last_result, errored)
-        row = result_row(trial.trial_id, trial.config, trial.last_result, status)
+        last = last_result_of(self.table.storage, self.study, trial.trial_id, trial.last_result)
+        row = result_row(trial.trial_id, trial.config, last, trial_status(last, errored))
         with self.lock:
             self.table.rows[row["trial_id"]] = row
         self._write_rows().wait(ROW_WRITE_WAIT_S)

@@ -360,3 +360,24 @@ def test_an_ending_replayed_from_its_row_gives_back_the_same_row():
         again = result_row("t1", config, replayed, trial_status(replayed, errored=False))
         assert json.dumps(again, sort_keys=True) == json.dumps(row, sort_keys=True)
     assert replayed_result(result_row("t1", config, {"step": 4}, "failed")) is None
+
+
+def test_a_trial_whose_last_report_tune_never_took_is_recorded_from_its_train_run(tmp_path):
+    """Tune's function trainable can return before it takes Train's last report
+    (a one-slot queue between them): the trial ends with nothing heard. Its row
+    then comes from the Train run's checkpoint snapshot, not `stopped_early` at
+    step 0 (seen in a window_size_compute run: 2 finished trials of 24 lost
+    from its curves). What Tune heard, when it heard a step, is kept."""
+    from orchestrator.results import TRAIN_SNAPSHOT, last_result_of, trial_status
+    from orchestrator.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    final = {"step": 80, "status": "finished", "probe_top1": 0.5575, "eval_loss": 0.577, "flops": 5.4e11}
+    storage.write_json(f"study/trials/t1/{TRAIN_SNAPSHOT}",
+                       {"checkpoint_results": [{"metrics": final}], "latest_checkpoint_result": {"metrics": final}})
+    for heard in ({}, None, {"trial_id": "t1"}):
+        last = last_result_of(storage, "study", "t1", heard)
+        assert last == final and trial_status(last, errored=False) == "finished"
+    stopped = {"step": 12, "status": "running", "probe_top1": 0.3}
+    assert last_result_of(storage, "study", "t1", stopped) is stopped
+    assert last_result_of(storage, "study", "t2", {}) == {}  # no Train run in storage
