@@ -123,11 +123,12 @@ def _tuner(plan: Plan, ctx: TrialContext, storage: Storage, callbacks: list, max
 
     path, fs = storage.ray_storage(ctx.study)
     study = plan.study
+    searcher = CellSearcher(plan)
     tuner = tune.Tuner(
         tune.with_resources(RunTrial(ctx), driver_resources()),
         tune_config=tune.TuneConfig(
-            search_alg=CellSearcher(plan),
-            scheduler=PerCellScheduler(plan) if study.early_stopping else FIFOScheduler(),
+            search_alg=searcher,
+            scheduler=PerCellScheduler(plan, searcher) if study.early_stopping else FIFOScheduler(),
             num_samples=plan.trials,
             max_concurrent_trials=max_concurrent,
         ),

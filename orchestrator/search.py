@@ -5,13 +5,20 @@ cover cells unevenly. CellSearcher keeps one Optuna study per cell and hands
 out cells so each gets exactly `trials_per_cell` trials, however many run at
 once. Early stopping compares trials within their cell only (a ViT-L trial is
 not stopped for trailing a ViT-B one): one ASHA per cell.
+
+Tune saves the searcher's state but not the scheduler's, and a sampler rebuilt
+from its seed would draw again what it drew before: a resume gives each cell's
+sampler a stream of its own (seeded by the cell and its history's length) and
+replays the history's evaluations into each cell's ASHA.
 """
 from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 from typing import Any, Optional
 
+import numpy as np
 import optuna
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # per-trial lines would flood the progress view
@@ -78,6 +85,7 @@ class CellSearcher(Searcher):
         study = plan.study
         super().__init__(metric=study.objective.metric, mode=study.objective.mode)
         self._plan = plan
+        self._seed = seed
         self._quota = study.trials_per_cell
         self._replicates = study.replicates
         self._cells = [c.id for c in plan.cells]
@@ -88,9 +96,16 @@ class CellSearcher(Searcher):
         self._space = optuna_space(study)
         direction = "maximize" if study.objective.mode == "max" else "minimize"
         self._optuna = {
-            c: optuna.create_study(direction=direction, sampler=_sampler(study, seed + i))
+            c: optuna.create_study(direction=direction, sampler=_sampler(study, self._cell_seed(i, 0)))
             for i, c in enumerate(self._cells)
         } if self._space else {}
+
+    def _cell_seed(self, index: int, history: int) -> int:
+        """A fresh run keeps `seed + index`; a resume with `history` trials known
+        gets a stream of its own, so it does not draw the configurations again."""
+        if history == 0:
+            return self._seed + index
+        return int(np.random.SeedSequence([self._seed, index, history]).generate_state(1)[0])
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         tuning = [c for c in self._cells if self._issued[c] < self._quota]
@@ -163,18 +178,26 @@ class CellSearcher(Searcher):
         study, number = running
         status = (result or {}).get("status")
         value = _objective(result, self.metric)
+        step = int((result or {}).get("step", 0))
         if error:
             study.tell(number, state=TrialState.FAIL)
         elif status == "finished" and value is not None:
             study.tell(number, value)
         else:
-            if status == "diverged":
-                _report(study, number, float("nan"), int((result or {}).get("step", 0)))
+            # Tune hands the report that stopped a trial early to the searcher's end
+            # only: keep it, as ASHA recorded it (a resume replays it into ASHA)
+            if status == "diverged" or value is not None:
+                _report(study, number, float("nan") if value is None else value, step)
             study.tell(number, state=TrialState.PRUNED)
 
     def optuna_trials(self, cell: str) -> list:
         """The cell's Optuna history (finished, pruned and failed trials)."""
         return self._optuna[cell].trials if self._optuna else []
+
+    def evaluations(self) -> list[tuple[str, str, dict[int, float]]]:
+        """(Tune trial id, cell, {step: objective}) of every tuning trial known."""
+        return [(tid, self._trial_cell[tid], self._optuna[self._trial_cell[tid]].trials[n].intermediate_values)
+                for tid, n in self._trial_number.items()]
 
     def save(self, checkpoint_path: str) -> None:
         state = {"issued": self._issued, "trial_cell": self._trial_cell, "trial_number": self._trial_number,
@@ -189,9 +212,12 @@ class CellSearcher(Searcher):
             raise ValueError(f"{checkpoint_path}: the saved search is of other cells than this study's")
         self._issued, self._trial_cell = state["issued"], state["trial_cell"]
         self._trial_number = state["trial_number"]
-        for cell, trials in state["optuna"].items():
+        for i, cell in enumerate(self._cells):
+            trials = state["optuna"].get(cell, [])
             for t in trials:
                 self._optuna[cell].add_trial(_trial_from_json(t))
+            if cell in self._optuna:
+                self._optuna[cell].sampler = _sampler(self._plan.study, self._cell_seed(i, len(trials)))
 
 
 def _report(study: optuna.Study, number: int, value: float, step: int) -> None:
@@ -215,10 +241,14 @@ def _trial_from_json(d: dict) -> optuna.trial.FrozenTrial:
 
 class PerCellScheduler(FIFOScheduler):
     """Routes each tuning trial to its cell's ASHA; seeds (role "seed") are curve
-    points and run to their budget, unseen by ASHA. Trials start in submission order."""
+    points and run to their budget, unseen by ASHA. Trials start in submission order.
+    Before its first decision it replays the searcher's evaluations into the
+    rungs: after a resume (the searcher restored first) a trial is measured
+    against every trial that reached a rung, not only those since."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, searcher: CellSearcher):
         super().__init__()
+        self._searcher: Optional[CellSearcher] = searcher
         objective = plan.study.objective
         # rungs at the evaluation points: the first after eval_every_steps, the last at the budget
         self._asha = {
@@ -230,9 +260,21 @@ class PerCellScheduler(FIFOScheduler):
         }
 
     def _for(self, trial) -> Optional[AsyncHyperBandScheduler]:
+        if self._searcher is not None:
+            self._replay_history()
         if trial.config.get("role", "tune") != "tune":
             return None
         return self._asha[trial.config["cell"]]
+
+    def _replay_history(self) -> None:
+        searcher, self._searcher = self._searcher, None
+        metric = searcher.metric
+        for tid, cell, values in searcher.evaluations():
+            asha, stand_in = self._asha[cell], SimpleNamespace(trial_id=tid)
+            asha.on_trial_add(None, stand_in)
+            for step in sorted(values):
+                asha.on_trial_result(None, stand_in, {"step": step, metric: values[step]})
+            asha.on_trial_remove(None, stand_in)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if asha := self._for(trial):

@@ -212,7 +212,7 @@ def _trial(tid, cell, role="tune"):
 
 def test_asha_stops_within_a_cell_only():
     plan = _plan()
-    sched = PerCellScheduler(plan)
+    sched = PerCellScheduler(plan, CellSearcher(plan))
     a, b = plan.cells[0], plan.cells[1]
     grace = a.config.eval_every_steps
     t1, t2, t3 = _trial("1", a.id), _trial("2", a.id), _trial("3", b.id)
@@ -229,6 +229,49 @@ def test_asha_stops_within_a_cell_only():
     seed = _trial("4", a.id, role="seed")
     sched.on_trial_add(None, seed)
     assert sched.on_trial_result(None, seed, {"step": grace, "eval_loss": 9.0}) == TrialScheduler.CONTINUE
+
+
+def test_a_resumed_search_draws_new_configurations_and_the_same_on_each_resume(tmp_path):
+    """A sampler rebuilt from its seed drew, after a resume, the values it drew
+    before the kill: a cell got one configuration twice."""
+    study = load_study(TINY).model_copy(update={"sampler": "random"})
+    plan = make_plan(study, "local", TINY)
+    searcher = CellSearcher(plan)
+    before = {cfg["cell"]: cfg["base_lr"] for cfg in (searcher.suggest(f"t{i}") for i in range(len(plan.cells)))}
+    searcher.save(str(tmp_path / "searcher.json"))
+    after = []
+    for _ in range(2):
+        restored = CellSearcher(plan)
+        restored.restore(str(tmp_path / "searcher.json"))
+        after.append({cfg["cell"]: cfg["base_lr"] for cfg in (restored.suggest(f"u{i}") for i in range(len(plan.cells)))})
+    assert all(after[0][c] != before[c] for c in before)
+    assert after[0] == after[1]  # a resume of the same state draws the same
+
+
+def test_asha_after_a_resume_measures_trials_against_the_rungs_reached_before(tmp_path):
+    """Tune saves no scheduler state: ASHA started empty after a resume, and a
+    trial worse than every trial before it at a rung went on to its budget."""
+    plan = _plan()
+    searcher = CellSearcher(plan)
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(2 * len(plan.cells))}
+    cell = plan.cells[0]
+    first, second = [tid for tid, cfg in configs.items() if cfg["cell"] == cell.id]
+    grace = cell.config.eval_every_steps
+    searcher.on_trial_result(first, {"step": grace, "eval_loss": 1.0})
+    # the report that stops a trial early reaches the searcher with its end only
+    other = [tid for tid, cfg in configs.items() if cfg["cell"] == plan.cells[1].id][0]
+    searcher.on_trial_complete(other, {"step": grace, "eval_loss": 3.0, "status": "running"})
+    assert searcher.optuna_trials(plan.cells[1].id)[0].intermediate_values == {grace: 3.0}
+    searcher.save(str(tmp_path / "searcher.json"))
+
+    restored = CellSearcher(plan)
+    restored.restore(str(tmp_path / "searcher.json"))
+    sched = PerCellScheduler(plan, restored)
+    for tid in (first, second):  # Tune adds its saved trials again
+        sched.on_trial_add(None, _trial(tid, cell.id))
+    assert sched.on_trial_result(None, _trial(second, cell.id), {"step": grace, "eval_loss": 2.0}) == TrialScheduler.STOP
+    # the trial that reached the rung before the kill is not measured there again
+    assert sched.on_trial_result(None, _trial(first, cell.id), {"step": grace, "eval_loss": 9.0}) == TrialScheduler.CONTINUE
 
 
 # ---------------------------------------------------------------- a whole study, interrupted and resumed
