@@ -41,17 +41,17 @@ import sys
 import time
 from pathlib import Path
 
-# As trainers.pretrain's workers run (see there): OpenMP threads that wait by spinning
-# lose to anything else running on the cores. Read by OpenMP when torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.resources import loader_threads, local_cpus, use_threads, wait_passively  # noqa: E402
+
+wait_passively()  # as trainers.pretrain's workers run; before torch loads
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.data import EncodedImages, PretrainStream, augment_batch, train_loader  # noqa: E402
@@ -59,7 +59,6 @@ from trainers.filesystems import resolve_filesystem  # noqa: E402
 from trainers.flops import train_flops_per_image  # noqa: E402
 from trainers.models import build_model  # noqa: E402
 from trainers.optim import build_optimizer, build_schedule  # noqa: E402
-from trainers.resources import loader_threads  # noqa: E402
 from trainers.step import TrainStep  # noqa: E402
 
 BUCKET = "bench"
@@ -230,8 +229,9 @@ def main() -> None:
     p.add_argument("--distinct", type=int, default=64, help="distinct JPEGs, cycled through the rows")
     p.add_argument("--ray-data", action="store_true", help="measure Ray Data on the same shards")
     args = p.parse_args()
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(cores)  # the step's threads: a run given the machine (trainers.pretrain)
+    cores = use_threads(local_cpus())  # the step's threads: a run given the machine (trainers.pretrain)
+    print(f"{cores} torch threads (the cores this process is given), OMP_WAIT_POLICY="
+          f"{os.environ['OMP_WAIT_POLICY']}", flush=True)
 
     server = start_s3()
     try:
@@ -264,7 +264,7 @@ def main() -> None:
 
         big = TrainConfig(dataset="parquet", data_path=uri, in_chans=3, img_size=224, patch_size=16,
                           preset="vit_base", batch_size=64, steps=10_000)
-        torch.set_num_threads(1)
+        use_threads(1)
         per_core = decode_rate_per_core(big, args.seconds)
         gpu = H100_BF16_PEAK * ASSUMED_MFU / train_flops_per_image(big)
         print(f"decode+augment at 224 px: {per_core:.0f} img/s per core (JPEG ~{jpeg_bytes / 1e3:.0f} KB, "
@@ -272,7 +272,7 @@ def main() -> None:
         print(f"ViT-B/16 MAE on an H100: {train_flops_per_image(big) / 1e9:.1f} GFLOP per image trained; "
               f"at {ASSUMED_MFU:.0%} of {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16 -> {gpu:.0f} img/s "
               f"-> {gpu / per_core:.1f} cores per GPU for decoding alone")
-        torch.set_num_threads(cores)
+        use_threads(cores)
 
         if args.ray_data:
             peers = Peers(configs["parquet"])

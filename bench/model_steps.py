@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.resources import local_cpus, use_threads, wait_passively  # noqa: E402
+
+wait_passively()  # as trainers.pretrain's workers run; before torch loads
+
+import torch  # noqa: E402
 
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.flops import train_flops_per_image  # noqa: E402
@@ -30,24 +35,38 @@ VARIANTS = {"mae": {}, "mae k2 mff": {"mask_unit": 2, "mff": True},
             "lomar w7": {"model": "lomar", "window_size": 7, "windows": 4}}
 
 
+class Stepper:
+    """TrainStep on one fixed random batch of `cfg`'s shape, its model built once: call
+    it for more steps (the step count carries on, so the schedule moves as in a run)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device).train()
+        opt = build_optimizer(model, cfg)
+        self.step = TrainStep(model, opt, build_schedule(opt, cfg), cfg, device)
+        self.device, self.done = device, 0
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.batch = torch.rand(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+
+    def __call__(self, steps: int) -> tuple[float, float]:
+        """(wall seconds of `steps` more steps, the last loss)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t, loss = time.perf_counter(), float("nan")
+        for _ in range(steps):
+            loss = self.step(self.done, [self.batch], self.gen)
+            self.done += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t, loss
+
+
 def run(cfg: TrainConfig, device: torch.device, steps: int) -> tuple[float, float]:
     """(images/s over `steps` steps after two warm-up steps, the last loss)."""
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device).train()
-    opt = build_optimizer(model, cfg)
-    step = TrainStep(model, opt, build_schedule(opt, cfg), cfg, device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    batch = torch.rand(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
-    for i in range(2):
-        step(i, [batch], gen)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for i in range(2, 2 + steps):
-        loss = step(i, [batch], gen)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return steps * cfg.batch_size / (time.perf_counter() - t), loss
+    stepper = Stepper(cfg, device)
+    stepper(2)
+    seconds, loss = stepper(steps)
+    return steps * cfg.batch_size / seconds, loss
 
 
 def main() -> None:
@@ -61,6 +80,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
     device = torch.device(args.device)
+    print(f"device={device} {use_threads(local_cpus())} torch threads (the cores this process is given), "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
     rates = {}
     for name, extra in VARIANTS.items():
         cfg = TrainConfig(preset=args.preset, img_size=args.img_size, patch_size=args.patch_size,

@@ -60,13 +60,14 @@ def run_plain(configs: list[dict], out: str) -> dict:
     from trainers.evaluation import evaluate
     from trainers.models import build_model
     from trainers.optim import build_optimizer, build_schedule
+    from trainers.resources import train_threads, use_threads
     from trainers.step import TrainStep
 
     timeline = {"imported": _now(), "trials": []}
     for i, raw in enumerate(configs):
         t = {"start": _now()}
         cfg = TrainConfig.model_validate(raw)
-        torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
+        use_threads(train_threads(cfg))
         torch.manual_seed(cfg.seed)
         device = torch.device("cpu")
         model = build_model(cfg)
@@ -355,7 +356,11 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     Path(work, "configs.json").write_text(json.dumps(configs))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    print(f"{args.trials} trials x {args.steps} steps; work folder {work}; "
+    from trainers.resources import train_threads
+
+    threads = {train_threads(TrainConfig.model_validate(c)) for c in configs}
+    print(f"{args.trials} trials x {args.steps} steps, each trial {'/'.join(map(str, sorted(threads)))} torch "
+          f"thread(s) (its CPUs, as the study gives them); work folder {work}; "
           f"date {dt.datetime.now().isoformat(timespec='minutes')}", flush=True)
 
     walls, starts = {}, {}

@@ -32,10 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from trainers.resources import local_cpus, train_threads, use_threads, wait_passively  # noqa: E402
+
+wait_passively()  # as trainers.pretrain's workers run (the run inherits it); before torch loads
+
+import torch  # noqa: E402
 
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.data import load_eval_arrays  # noqa: E402
@@ -66,7 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_fields(args: argparse.Namespace) -> dict:
+    """The run's TrainConfig fields. Its one worker gets every core this process is given
+    (as trainers.pretrain gives it this machine's) unless --set says otherwise, passed on
+    to the run, so that the warm-up times the step with the run's threads."""
     fields = {name: getattr(args, name) for name in DEFAULTS}
+    fields["cpus_per_worker"] = local_cpus()
     for item in args.set:
         key, _, value = item.partition("=")
         fields[key.replace("-", "_")] = value  # pydantic coerces the string
@@ -107,7 +115,8 @@ def main(argv=None) -> int:
     print(f"config: preset {cfg.preset}, img {cfg.img_size} patch {cfg.patch_size} (L={cfg.seq_len}), "
           f"batch {cfg.batch_size}, base_lr {cfg.base_lr:g} (lr {cfg.lr:.3g}), warmup {cfg.warmup_steps}, "
           f"mask {cfg.mask_ratio}, norm_pix_loss {cfg.norm_pix_loss}, augment {cfg.augment}, "
-          f"probe {cfg.probe_train_size}/{cfg.probe_eval_size}", flush=True)
+          f"probe {cfg.probe_train_size}/{cfg.probe_eval_size}, {cfg.cpus_per_worker} CPU(s) and "
+          f"{train_threads(cfg)} torch thread(s)", flush=True)
 
     tmp = None
     run_dir = args.out
@@ -135,7 +144,7 @@ def main(argv=None) -> int:
           f"{metrics['loss']:.3f}", flush=True)
 
     # The frozen encoder of the final checkpoint, on the subsets the trainer evaluated.
-    torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
+    use_threads(train_threads(cfg))
     state = torch.load(final_checkpoint(run_dir), map_location="cpu", weights_only=True)
     model = build_model(cfg)
     model.load_state_dict(state["model"])

@@ -13,9 +13,10 @@ def seconds_per_step(cfg, budget_s: float) -> tuple[float, int]:
     from trainers.data import PretrainStream
     from trainers.models import build_model
     from trainers.optim import build_optimizer, build_schedule
+    from trainers.resources import train_threads, use_threads
     from trainers.step import TrainStep
 
-    torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
+    use_threads(train_threads(cfg))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     opt = build_optimizer(model, cfg)

@@ -22,9 +22,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.resources import local_cpus, use_threads, wait_passively  # noqa: E402
+
+wait_passively()  # as trainers.pretrain's workers run; before torch loads
+
+import torch  # noqa: E402
 
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.flops import linear, train_flops_per_image  # noqa: E402
@@ -140,7 +144,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--threads", type=int, default=local_cpus(), help="default: the cores this process is given")
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="cpu_small")
     p.add_argument("--img-size", type=int, default=32)
@@ -148,8 +152,9 @@ def main() -> None:
     p.add_argument("--in-chans", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args.threads = use_threads(args.threads)
     device = torch.device(args.device)
+    print(f"{args.threads} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
 
     cfg = TrainConfig(preset=args.preset, img_size=args.img_size, patch_size=args.patch_size,
                       in_chans=args.in_chans, batch_size=args.batch, mask_ratio=0.75, steps=10_000,

@@ -27,6 +27,7 @@ from trainers.evaluation import evaluate
 from trainers.flops import train_step_flops
 from trainers.models import build_model
 from trainers.optim import build_optimizer, build_schedule
+from trainers.resources import train_threads, use_threads
 from trainers.step import TrainStep
 from trainers.step_log import StepLog
 
@@ -165,7 +166,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrainConfig.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
+    use_threads(train_threads(cfg))
     device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)

@@ -63,18 +63,15 @@ def main(argv=None) -> int:
 
     from trainers.launch import run_pretraining
     from trainers.ray_session import init_ray
-    from trainers.resources import cpus_per_worker, node_cpus
+    from trainers.resources import cpus_per_worker, node_cpus, train_threads, wait_passively
 
     os.makedirs(out, exist_ok=True)
-    # A worker's torch threads share its cores with the loader's threads and, on a shared
-    # machine, with other work: OpenMP threads that spin while they wait then stall each
-    # other (measured here under load, the tiny step: 7 images/s on 2 spinning threads,
-    # 147 on 2 passive ones, 80 on one). OpenMP reads it when a worker loads torch; a Ray
-    # started here passes it to its workers.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    wait_passively()  # before Ray starts, so that its workers' OpenMP threads wait passively
     init_ray(address)
     if "cpus_per_worker" not in args:
         cfg = TrainConfig(**args, cpus_per_worker=cpus_per_worker(node_cpus(cfg.use_gpu), cfg.workers))
+    print(f"pretrain: {cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU(s), "
+          f"{train_threads(cfg)} torch thread(s) each", flush=True)
     result = run_pretraining(cfg, os.path.join(out, "ray"), "pretrain", echo=True)
     metrics = dict(result.metrics or {})
     metrics["steps"] = metrics.pop("step", 0)
