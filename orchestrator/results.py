@@ -46,9 +46,9 @@ def trial_status(last_result: Optional[dict], errored: bool) -> str:
 
 def last_result_of(storage: Storage, study: str, trial_id: str, heard: Optional[dict]) -> Optional[dict]:
     """What Tune heard last of a trial; if it heard no step, the last checkpointed
-    report of the trial's Train run (its snapshot in storage). Tune's function
-    trainable takes Train's reports through a one-slot queue and can return before
-    taking the last one: a trial that trained to its end then read as stopped
+    report of the trial's Train run (its snapshot in storage). With Ray's
+    TuneReportCallback, Tune could end a trial before taking its last report (see
+    orchestrator/trial.py): a trial that trained to its end then read as stopped
     early at step 0 (2 of 24 trials in a run of window_size_compute)."""
     if heard and "step" in heard:
         return heard

@@ -6,13 +6,24 @@ waits for the tracking server. Its Train run is named after the trial, so a
 restarted trial (a retry, or `resume`) finds its checkpoints and continues from
 the latest. A trial restarted after it ended (its row is in results.parquet)
 reports that ending again and trains nothing.
+
+The trial's own thread reports the Train run's results to Tune, in order, and
+returns only once it reported the last. Ray's TuneReportCallback instead has
+Tune's actor take them from a queue of its own; when the Train run ended before
+Tune took its last report, Tune either lost that report or, taking it while the
+function's end marker sat in its one-slot result queue, blocked for good on
+that queue (seen in the test suite: a study that never ended; once in a study
+of 24 trials: two finished trials recorded as stopped early at step 0).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Any, Optional
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Empty, Queue
 
 from orchestrator.planning import tuned_params
 from orchestrator.relay import TrialRun, start_relay
@@ -46,6 +57,55 @@ def system_metrics_callbacks(cfg: TrainConfig, relay) -> list:
     return [SystemMetrics(relay)] if cfg.use_gpu else []
 
 
+class ForwardReports(UserCallback):
+    """Runs in the Train controller: hands each report (rank 0's metrics) to the
+    trial's thread, waiting while the one before is still in the queue."""
+
+    def __init__(self, reports: Queue):
+        self.reports = reports
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        self.reports.put(metrics[0])
+
+
+class _Fit(threading.Thread):
+    """trainer.fit() on a thread of its own, keeping its error for the trial's
+    thread. A daemon: a trial Tune stops ends with its actor's process."""
+
+    def __init__(self, trainer):
+        super().__init__(name="train-fit", daemon=True)
+        self.trainer, self.error = trainer, None
+
+    def run(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:  # re-raised by the trial's thread
+            self.error = e
+
+
+def report_until_fit_ends(trainer_with) -> None:
+    """Fit the trainer that `trainer_with(callback)` builds, reporting each of its
+    reports to Tune from this thread; return once its last report is reported."""
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    try:
+        fit = _Fit(trainer_with(ForwardReports(reports)))
+        fit.start()
+        while True:
+            finished = not fit.is_alive()  # before the queue is read: no report comes after it
+            item: Optional[Any] = None
+            try:
+                item = reports.get(block=not finished, timeout=1)
+            except Empty:
+                if finished:
+                    break
+            if item is not None:
+                tune.report(item)
+        if fit.error is not None:
+            raise fit.error
+    finally:
+        reports.shutdown()
+
+
 class RunTrial:
     """The Tune trainable: config: see planning.TRIAL_KEYS, and the tuned parameters."""
 
@@ -67,6 +127,6 @@ class RunTrial:
                        trial_tags(ctx, config), {**cfg.resolved(), **tuned})
         path, fs = storage.ray_storage(ctx.study, "trials")
         relay = start_relay(ctx.tracking_uri, ctx.study, run)
-        trainer = build_trainer(cfg, path, trial_id, storage_filesystem=fs, step_sink=relay,
-                                callbacks=[TuneReportCallback(), *system_metrics_callbacks(cfg, relay)])
-        trainer.fit()
+        report_until_fit_ends(lambda forward: build_trainer(
+            cfg, path, trial_id, storage_filesystem=fs, step_sink=relay,
+            callbacks=[forward, *system_metrics_callbacks(cfg, relay)]))

@@ -405,6 +405,43 @@ def test_an_ending_replayed_from_its_row_gives_back_the_same_row():
     assert replayed_result(result_row("t1", config, {"step": 4}, "failed")) is None
 
 
+def test_a_trial_reports_every_result_of_its_train_run_however_late_tune_asks(ray_local, tmp_path):
+    """With Ray's TuneReportCallback, Tune's actor took a Train run's reports from
+    a queue of its own: when the run ended before Tune took its last report, Tune
+    lost it or, taking it while the function's end marker filled its one-slot
+    result queue, blocked for good (a study that never ended). A driver slower
+    than the run (here a callback that takes 4 s per result) has the run end first."""
+    import threading
+
+    from ray import train, tune
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.trial import report_until_fit_ends
+
+    def train_fn():
+        for step in (1, 2, 3):
+            train.report({"step": step})
+
+    def trial(config):
+        report_until_fit_ends(lambda forward: TorchTrainer(
+            train_fn, scaling_config=train.ScalingConfig(num_workers=1),
+            run_config=train.RunConfig(name="run", storage_path=str(tmp_path / "train"), callbacks=[forward])))
+
+    class SlowDriver(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            time.sleep(4)
+
+    tuner = tune.Tuner(trial, run_config=tune.RunConfig(
+        name="slow_driver", storage_path=str(tmp_path / "tune"), callbacks=[SlowDriver()], verbose=0))
+    done = {}
+    runner = threading.Thread(target=lambda: done.update(results=tuner.fit()), daemon=True)
+    runner.start()
+    runner.join(timeout=240)
+    assert not runner.is_alive(), "Tune never saw the trial end"
+    (result,) = done["results"]
+    assert result.error is None and list(result.metrics_dataframe["step"]) == [1, 2, 3]
+
+
 def test_a_trial_whose_last_report_tune_never_took_is_recorded_from_its_train_run(tmp_path):
     """Tune's function trainable can return before it takes Train's last report
     (a one-slot queue between them): the trial ends with nothing heard. Its row

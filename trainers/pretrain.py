@@ -63,10 +63,9 @@ def main(argv=None) -> int:
 
     from trainers.launch import run_pretraining
     from trainers.ray_session import init_ray
-    from trainers.resources import cpus_per_worker, node_cpus, train_threads, wait_passively
+    from trainers.resources import cpus_per_worker, node_cpus, train_threads
 
     os.makedirs(out, exist_ok=True)
-    wait_passively()  # before Ray starts, so that its workers' OpenMP threads wait passively
     init_ray(address)
     if "cpus_per_worker" not in args:
         cfg = TrainConfig(**args, cpus_per_worker=cpus_per_worker(node_cpus(cfg.use_gpu), cfg.workers))

@@ -8,6 +8,8 @@ from typing import Optional
 
 import ray
 
+from trainers.resources import wait_passively
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -38,6 +40,7 @@ def init_ray(address: Optional[str] = None, **kwargs) -> None:
         # Train v2 starts a watcher process per run for spot-node preemption notices;
         # this machine is not preemptible, and the process costs seconds per trial.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        wait_passively()  # the workers inherit it: their OpenMP threads do not spin
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
     else:
         context = ray.init(address=address, **kwargs)
