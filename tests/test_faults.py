@@ -304,10 +304,9 @@ def test_mlflow_server_stopped_for_60_s_mid_study(tmp_path):
 # ---------------------------------------------------------------- the bucket goes away
 
 @pytest.mark.skipif(os.environ.get("MIM_S3_OUTAGE_TEST") != "1",
-                    reason="4 minutes; passed in a whole-suite run, then hung in the next: a trial's Tune actor "
-                           "deadlocked in Ray's own _TrainSession.get_next (report -> result_queue.put on a full queue "
-                           "that only it reads), which the study's watchdog now stops (--silence-limit 120 here); not "
-                           "run since: run by hand with MIM_S3_OUTAGE_TEST=1")
+                    reason="4 minutes idle (10 under load), which the suite's 30 minutes cannot hold: run by hand "
+                           "with MIM_S3_OUTAGE_TEST=1 (it once hung in Ray's report hand-off, fixed in "
+                           "orchestrator/trial.py; passed since, 2026-12-03)")
 def test_s3_stalled_then_refusing_for_30_s_each_mid_study(s3_server, tmp_path):
     """A proxy in front of the S3 server stalls every connection for 30 s once a
     checkpoint is in the bucket, then refuses connections for 30 s once a row is
