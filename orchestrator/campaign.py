@@ -218,7 +218,7 @@ def start(study_path: str, *, profile: Optional[str], storage_uri: str, tracking
 
 def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address: Optional[str],
            max_concurrent: Optional[int], console: Console, study_path: Optional[str] = None,
-           silence_limit_s: float) -> dict:
+           silence_limit_s: float, trust_tune_state: bool = False) -> dict:
     from mlflow.tracking import MlflowClient
 
     state = read_state(name, storage_uri)
@@ -229,7 +229,7 @@ def resume(name: str, *, storage_uri: str, tracking_uri: Optional[str], address:
     check_tracking(state["tracking_uri"])
     study, path = study_for_resume(state, study_path)
     plan = make_plan(study, state["profile"], path)
-    check_tune_state(storage, name)
+    check_tune_state(storage, name, trust=trust_tune_state)
     with StudyLock(storage, name):
         log_path = _log_path(name)
         start_ray(address, log_path)

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(res)
     res.add_argument("--address", default=None)
     res.add_argument("--max-concurrent", type=_positive_int, default=None)
+    res.add_argument("--trust-tune-state", action="store_true",
+                     help="load Tune's saved state even where its pickles would run code that Tune does not "
+                          "write there (only for storage that no one else can write)")
     _silence(res)
 
     st = sub.add_parser("status", help="per cell: trials ended of planned, best objective and its trial, "
@@ -160,7 +163,8 @@ def cmd_resume(args, console: Console) -> int:
 
     state = campaign.resume(args.name, storage_uri=args.storage, tracking_uri=args.tracking_uri,
                             address=args.address, max_concurrent=args.max_concurrent, console=console,
-                            study_path=args.study, silence_limit_s=args.silence_limit)
+                            study_path=args.study, silence_limit_s=args.silence_limit,
+                            trust_tune_state=args.trust_tune_state)
     return _finish(state, args, console)
 
 

@@ -4,19 +4,22 @@
 totals) as plain JSON, so neither runs any code from storage. `resume` runs
 the study file from the user's own disk, and only the file the study started
 with: anyone able to write the bucket could otherwise have the head node run
-their code. Tune's own saved state is checked to be readable before a resume,
-since Tune, when it cannot read it, silently starts the grid again.
+their code. Tune's own saved state is checked before a resume: readable, since
+Tune, when it cannot read it, silently starts the grid again, and calling
+nothing through its pickles beyond what Tune writes there (pickle_scan.py).
 """
 from __future__ import annotations
 
 import fnmatch
+import binascii
 import hashlib
 import json
-import pickletools
+import pickle
 from pathlib import Path
 from typing import Optional
 
 from orchestrator.curves import CurveSpec, spec_from_dict
+from orchestrator.pickle_scan import unexpected
 from orchestrator.planning import Plan, make_plan
 from orchestrator.storage import Storage
 from orchestrator.study import Objective, Study, StudyError, load_study
@@ -89,30 +92,64 @@ def _first_difference(a: str, b: str) -> int:
     return min(len(a.splitlines()), len(b.splitlines())) + 1
 
 
-def check_tune_state(storage: Storage, name: str) -> None:
-    """Refuse, in one line, a resume whose Tune state is missing or unreadable
-    (parsed as data: nothing in it is unpickled here)."""
+def check_tune_state(storage: Storage, name: str, trust: bool = False) -> None:
+    """Refuse, in one line, a resume whose Tune state is missing, unreadable or,
+    unless `trust`, would call code that Tune does not write there (all read as
+    data: nothing in it is unpickled here)."""
     folder = storage.path(name, TUNE_FOLDER)
     files = {info.base_name: info.path for info in storage.list(name, TUNE_FOLDER)}
-    states = sorted(fnmatch.filter(files, "experiment_state-*.json"))
-    if not states:
+    if not fnmatch.filter(files, "experiment_state-*.json"):
         raise StudyError(f"{folder}: no Tune state to resume from (the study's driver died before Tune saved "
                          f"any); start it again with `run --name`")
-    for pattern, parse in (("experiment_state-*.json", json.loads), ("searcher-state-*.pkl", json.loads),
-                           ("search_gen_state-*.json", _pickle_opcodes)):
-        matching = sorted(fnmatch.filter(files, pattern))
-        if not matching:
-            continue
-        newest = matching[-1]
-        try:
-            parse(storage.read_bytes(f"{name}/{TUNE_FOLDER}/{newest}"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise StudyError(f"{folder}/{newest}: Tune's saved state is unreadable ({type(e).__name__}: "
-                             f"{str(e)[:120]}); nothing was changed") from None
+    # every file of the kinds Tune loads on resume (it picks the newest by its own rule)
+    for pattern, pickles_of in (("experiment_state-*.json", _fallback_pickles), ("searcher-state-*.pkl", _json),
+                                ("search_gen_state-*.json", _whole), ("callback-states-*.pkl", _whole)):
+        for file in sorted(fnmatch.filter(files, pattern)):
+            try:
+                calls = sorted({c for data in pickles_of(storage.read_bytes(f"{name}/{TUNE_FOLDER}/{file}"))
+                                for c in unexpected(data)})
+            except (ValueError, UnicodeDecodeError, EOFError, pickle.UnpicklingError) as e:
+                raise StudyError(f"{folder}/{file}: Tune's saved state is unreadable ({type(e).__name__}: "
+                                 f"{str(e)[:120]}); nothing was changed") from None
+            if calls and not trust:
+                more = f" and {len(calls) - 1} more" if len(calls) > 1 else ""
+                raise StudyError(f"{folder}/{file}: Tune's saved state would run {calls[0]}{more}, which Tune "
+                                 f"does not write there (anyone able to write the storage could run code on "
+                                 f"this machine through it); nothing was changed: if you trust the storage, "
+                                 f"`resume --trust-tune-state` loads it")
 
 
-def _pickle_opcodes(data: bytes) -> None:
-    """Walk a pickle's opcodes to the end without running it: a truncated or
-    garbled file raises ValueError. (Tune saves its search state as a pickle.)"""
-    for _ in pickletools.genops(data):
-        pass
+def _json(data: bytes) -> list[bytes]:
+    """Our searcher's state: JSON, no pickle."""
+    json.loads(data)
+    return []
+
+
+def _whole(data: bytes) -> list[bytes]:
+    return [data]
+
+
+def _fallback_pickles(data: bytes) -> list[bytes]:
+    """The pickles Tune embeds in its experiment state (values it cannot write as
+    JSON, marked CLOUDPICKLE_FALLBACK), at any depth, JSON inside strings included."""
+    found: list[bytes] = []
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            if value.get("_type") == "CLOUDPICKLE_FALLBACK":
+                found.append(binascii.unhexlify(value["value"]))
+                return
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value.lstrip().startswith(("{", "[")):
+            try:
+                inner = json.loads(value)
+            except ValueError:
+                return  # a plain string that starts like JSON
+            walk(inner)
+
+    walk(json.loads(data))
+    return found

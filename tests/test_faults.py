@@ -156,6 +156,54 @@ def test_resume_refuses_unreadable_tune_state_and_changes_nothing(tuned):
         newest.write_bytes(kept)
 
 
+class _RunsCode:
+    """Pickles to a call of os.system, as a bucket's intruder would write it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_tune_state_that_would_run_code_and_changes_nothing(tuned, tmp_path):
+    """Tune unpickles part of its saved state on resume (Ray's own docs: it runs
+    arbitrary code from those payloads): a pickle planted in storage, in the
+    experiment state or as a callback state file Tune would load, is refused
+    before anything loads it. The study's real state passes the same check."""
+    import binascii
+    import pickle
+
+    from orchestrator.pickle_scan import calls_in
+    from orchestrator.saved_state import check_tune_state
+    from orchestrator.storage import Storage
+
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(_RunsCode(marker))
+    assert ("posix", "system") in calls_in(payload)[1] and not marker.exists()  # read, not run
+    check_tune_state(Storage(str(tuned.storage)), "tuned_faults")
+
+    tune = tuned.storage / "tuned_faults" / "tune"
+    newest = sorted(tune.glob("experiment_state-*.json"))[-1]
+    kept = newest.read_text()
+    state = json.loads(kept)
+    trial = json.loads(state["trial_data"][0][0])
+    trial["storage"] = {"_type": "CLOUDPICKLE_FALLBACK", "value": binascii.hexlify(payload).decode()}
+    state["trial_data"][0][0] = json.dumps(trial)
+    planted = tune / "callback-states-2026-12-03_00-00-00.pkl"
+    try:
+        for plant, name in ((lambda: newest.write_text(json.dumps(state)), newest.name),
+                            (lambda: (newest.write_text(kept), planted.write_bytes(payload)), planted.name)):
+            plant()
+            before = snapshot(tuned.storage)
+            line = one_error_line(orchestrator("resume", "tuned_faults", "--study", tuned.study_file, *tuned.common))
+            assert name in line and "would run posix.system" in line and "--trust-tune-state" in line, line
+            assert snapshot(tuned.storage) == before and not marker.exists()
+    finally:
+        newest.write_text(kept)
+        planted.unlink(missing_ok=True)
+
+
 def test_status_and_fit_run_no_code_from_storage(tuned, tmp_path):
     """Anyone who can write the bucket can change study.json: reading it must not run it."""
     marker = tmp_path / "ran"
