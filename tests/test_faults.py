@@ -452,10 +452,6 @@ def test_recorder_catches_up_with_what_a_killed_driver_left(ray_local, tmp_path)
 
 # ---------------------------------------------------------------- a spot node goes away
 
-@pytest.mark.skipif(os.environ.get("MIM_NODE_LOSS_TEST") != "1",
-                    reason="hung once in a fresh-clone run (two Train controllers waiting for workers after the "
-                           "node loss, placement groups left holding the CPUs); run by hand with "
-                           "MIM_NODE_LOSS_TEST=1 until the fix for that is seen to hold in the whole suite")
 def test_worker_node_killed_mid_study_its_trials_continue_elsewhere_from_s3(s3_server, monkeypatch):
     """A head (trial drivers only, as infra/cluster-hardened.yaml's) and two 1-CPU worker
     nodes, one trial training on each; once both have a checkpoint in the bucket,
