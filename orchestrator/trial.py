@@ -94,7 +94,7 @@ def report_until_fit_ends(trainer_with) -> None:
             finished = not fit.is_alive()  # before the queue is read: no report comes after it
             item: Optional[Any] = None
             try:
-                item = reports.get(block=not finished, timeout=1)
+                item = reports.get(block=not finished, timeout=0.25)
             except Empty:
                 if finished:
                     break
@@ -103,7 +103,7 @@ def report_until_fit_ends(trainer_with) -> None:
         if fit.error is not None:
             raise fit.error
     finally:
-        reports.shutdown()
+        reports.shutdown(force=True)  # nothing is left in it to wait for
 
 
 class RunTrial:
