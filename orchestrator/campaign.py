@@ -19,7 +19,7 @@ from rich.console import Console
 from orchestrator import preflight
 from orchestrator.planning import Plan, make_plan
 from orchestrator.saved_state import (STATE_FILE, TUNE_FOLDER, check_tune_state, plan_fields, read_state,
-                                      study_fields, study_for_resume)
+                                      study_fields, study_for_resume, tune_trial_ids)
 from orchestrator.storage import Storage
 from orchestrator.study import Study, StudyError, load_study
 from orchestrator.study_lock import StudyLock
@@ -118,12 +118,15 @@ def _tuner(plan: Plan, ctx: TrialContext, storage: Storage, callbacks: list, max
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.tune_config import ResumeConfig
 
+    from orchestrator.results import ResultsTable
     from orchestrator.search import CellSearcher, PerCellScheduler
     from orchestrator.trial import RunTrial
 
     path, fs = storage.ray_storage(ctx.study)
     study = plan.study
-    searcher = CellSearcher(plan)
+    # a resume's searcher forgets trials that neither Tune's state nor the results hold
+    known = tune_trial_ids(storage, ctx.study) | set(ResultsTable(storage, ctx.study).rows) if restore else None
+    searcher = CellSearcher(plan, known_trials=known)
     tuner = tune.Tuner(
         tune.with_resources(RunTrial(ctx), driver_resources()),
         tune_config=tune.TuneConfig(

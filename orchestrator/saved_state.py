@@ -119,6 +119,13 @@ def check_tune_state(storage: Storage, name: str, trust: bool = False) -> None:
                                  f"`resume --trust-tune-state` loads it")
 
 
+def tune_trial_ids(storage: Storage, name: str) -> set[str]:
+    """The trials of Tune's newest saved state (the one a resume continues), read as JSON."""
+    files = sorted(fnmatch.filter((i.base_name for i in storage.list(name, TUNE_FOLDER)), "experiment_state-*.json"))
+    state = json.loads(storage.read_bytes(f"{name}/{TUNE_FOLDER}/{files[-1]}"))
+    return {json.loads(trial)["trial_id"] for trial, _ in state["trial_data"]}
+
+
 def _json(data: bytes) -> list[bytes]:
     """Our searcher's state: JSON, no pickle."""
     json.loads(data)

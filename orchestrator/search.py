@@ -81,8 +81,10 @@ class CellSearcher(Searcher):
     Its state is saved as JSON: restoring it runs no code from storage.
     """
 
-    def __init__(self, plan: Plan, seed: int = 0):
+    def __init__(self, plan: Plan, seed: int = 0, known_trials: Optional[set[str]] = None):
         study = plan.study
+        # on resume: the trials Tune's saved state or results.parquet hold (see restore)
+        self._known = known_trials
         super().__init__(metric=study.objective.metric, mode=study.objective.mode)
         self._plan = plan
         self._seed = seed
@@ -93,6 +95,7 @@ class CellSearcher(Searcher):
         self._cost = {c.id: c.flops_per_trial for c in plan.cells}
         self._trial_cell: dict[str, str] = {}
         self._trial_number: dict[str, int] = {}  # Tune trial id -> Optuna trial number in its cell
+        self._lost: dict[str, list[int]] = {c: [] for c in self._cells}  # Optuna numbers of lost trials
         self._space = optuna_space(study)
         direction = "maximize" if study.objective.mode == "max" else "minimize"
         self._optuna = {
@@ -142,7 +145,7 @@ class CellSearcher(Searcher):
                 "train": train.model_dump(mode="json")}
 
     def _tuning_ended(self, cell: str) -> bool:
-        trials = self._optuna[cell].trials
+        trials = [t for t in self._optuna[cell].trials if t.number not in self._lost[cell]]
         return len(trials) == self._quota and all(t.state != TrialState.RUNNING for t in trials)
 
     def _best_trial_id(self, cell: str) -> Optional[str]:
@@ -201,7 +204,7 @@ class CellSearcher(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         state = {"issued": self._issued, "trial_cell": self._trial_cell, "trial_number": self._trial_number,
-                 "optuna": {c: [_trial_json(t) for t in s.trials] for c, s in self._optuna.items()}}
+                 "lost": self._lost, "optuna": {c: [_trial_json(t) for t in s.trials] for c, s in self._optuna.items()}}
         with open(checkpoint_path, "w") as f:
             json.dump(state, f)
 
@@ -212,12 +215,29 @@ class CellSearcher(Searcher):
             raise ValueError(f"{checkpoint_path}: the saved search is of other cells than this study's")
         self._issued, self._trial_cell = state["issued"], state["trial_cell"]
         self._trial_number = state["trial_number"]
+        self._lost.update(state.get("lost", {}))
         for i, cell in enumerate(self._cells):
             trials = state["optuna"].get(cell, [])
             for t in trials:
                 self._optuna[cell].add_trial(_trial_from_json(t))
             if cell in self._optuna:
                 self._optuna[cell].sampler = _sampler(self._plan.study, self._cell_seed(i, len(trials)))
+        if self._known is not None:
+            self._forget_lost()
+
+    def _forget_lost(self) -> None:
+        """Trials handed out that neither Tune's saved state nor results.parquet
+        hold: Tune will never run or end them (its state was saved before them,
+        or its write failed while the searcher's went through, as on a full
+        disk). Their places are handed out again; Optuna counts them failed."""
+        for tid in [t for t in self._trial_cell if t not in self._known]:
+            cell = self._trial_cell.pop(tid)
+            self._issued[cell] -= 1
+            if tid in self._trial_number:
+                number = self._trial_number.pop(tid)
+                self._lost[cell].append(number)
+                if self._optuna[cell].trials[number].state == TrialState.RUNNING:
+                    self._optuna[cell].tell(number, state=TrialState.FAIL)
 
 
 def _report(study: optuna.Study, number: int, value: float, step: int) -> None:

@@ -248,6 +248,29 @@ def test_a_resumed_search_draws_new_configurations_and_the_same_on_each_resume(t
     assert after[0] == after[1]  # a resume of the same state draws the same
 
 
+def test_a_resumed_search_hands_out_again_a_trial_tune_never_saved(tmp_path):
+    """A full disk let the searcher's state reach storage while Tune's experiment
+    state, written in the same save, did not: the resumed searcher waited for a
+    trial Tune would never run, and the study hung (seen in the suite)."""
+    plan = _plan()
+    searcher = CellSearcher(plan)
+    ids = [f"t{i}" for i in range(2 * len(plan.cells))]
+    configs = {tid: searcher.suggest(tid) for tid in ids}
+    for tid in ids[:-1]:
+        searcher.on_trial_complete(tid, {"eval_loss": 1.0, "step": 12, "status": "finished"})
+    searcher.save(str(tmp_path / "searcher.json"))
+    lost = ids[-1]
+
+    restored = CellSearcher(plan, known_trials=set(ids[:-1]))
+    restored.restore(str(tmp_path / "searcher.json"))
+    again = restored.suggest("r0")
+    assert (again["cell"], again["role"], again["replicate"]) == (configs[lost]["cell"], "tune", configs[lost]["replicate"])
+    restored.on_trial_complete("r0", {"eval_loss": 0.5, "step": 12, "status": "finished"})
+    seeds = [restored.suggest(f"s{i}") for i in range(len(plan.cells))]
+    assert all(s["role"] == "seed" for s in seeds) and restored.suggest("extra") == Searcher.FINISHED
+    assert {s["seed_of"] for s in seeds if s["cell"] == again["cell"]} == {"r0"}
+
+
 def test_asha_after_a_resume_measures_trials_against_the_rungs_reached_before(tmp_path):
     """Tune saves no scheduler state: ASHA started empty after a resume, and a
     trial worse than every trial before it at a rung went on to its budget."""
