@@ -10,8 +10,8 @@ nothing through its pickles beyond what Tune writes there (pickle_scan.py).
 """
 from __future__ import annotations
 
-import fnmatch
 import binascii
+import fnmatch
 import hashlib
 import json
 import pickle
@@ -26,6 +26,7 @@ from orchestrator.study import Objective, Study, StudyError, load_study
 
 STATE_FILE = "study.json"
 TUNE_FOLDER = "tune"
+EXPERIMENT_STATES = "experiment_state-*.json"  # Tune's saved states, newest last by name
 
 
 def study_fields(study: Study, path: str) -> dict:
@@ -98,11 +99,11 @@ def check_tune_state(storage: Storage, name: str, trust: bool = False) -> None:
     data: nothing in it is unpickled here)."""
     folder = storage.path(name, TUNE_FOLDER)
     files = {info.base_name: info.path for info in storage.list(name, TUNE_FOLDER)}
-    if not fnmatch.filter(files, "experiment_state-*.json"):
+    if not fnmatch.filter(files, EXPERIMENT_STATES):
         raise StudyError(f"{folder}: no Tune state to resume from (the study's driver died before Tune saved "
                          f"any); start it again with `run --name`")
     # every file of the kinds Tune loads on resume (it picks the newest by its own rule)
-    for pattern, pickles_of in (("experiment_state-*.json", _fallback_pickles), ("searcher-state-*.pkl", _json),
+    for pattern, pickles_of in ((EXPERIMENT_STATES, _fallback_pickles), ("searcher-state-*.pkl", _json),
                                 ("search_gen_state-*.json", _whole), ("callback-states-*.pkl", _whole)):
         for file in sorted(fnmatch.filter(files, pattern)):
             try:
@@ -121,7 +122,7 @@ def check_tune_state(storage: Storage, name: str, trust: bool = False) -> None:
 
 def tune_trial_ids(storage: Storage, name: str) -> set[str]:
     """The trials of Tune's newest saved state (the one a resume continues), read as JSON."""
-    files = sorted(fnmatch.filter((i.base_name for i in storage.list(name, TUNE_FOLDER)), "experiment_state-*.json"))
+    files = sorted(fnmatch.filter((i.base_name for i in storage.list(name, TUNE_FOLDER)), EXPERIMENT_STATES))
     state = json.loads(storage.read_bytes(f"{name}/{TUNE_FOLDER}/{files[-1]}"))
     return {json.loads(trial)["trial_id"] for trial, _ in state["trial_data"]}
 
